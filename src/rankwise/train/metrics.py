@@ -1,0 +1,62 @@
+"""The run's record: one JSON object per line, appended and flushed as it happens, and a plot at the end."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Append-only JSONL log. Each record has a "kind": train, eval, or whatever a hook logs."""
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None):
+        self.path = path
+        if truncate_after_step is not None and path.exists():
+            # on resume, forget what the interrupted run logged after its checkpoint
+            kept = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after_step]
+            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self._file = path.open("a")
+
+    def write(self, record: dict) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+def read_metrics(path: Path) -> list[dict]:
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill; everything before it is good
+            break
+    return records
+
+
+def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
+    """Train and held-out loss against optimizer steps and against cumulative FLOPs, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if r.get("kind") == "train"]
+    evals = [r for r in records if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, x_key, x_label in ((axes[0], "step", "optimizer step"), (axes[1], "cum_flops", "cumulative FLOPs")):
+        if train:
+            ax.plot([r[x_key] for r in train], [r["loss"] for r in train], alpha=0.5, label="train loss")
+        if evals:
+            ax.plot([r[x_key] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+        ax.set_xlabel(x_label)
+        ax.set_ylabel("loss (nats/token)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

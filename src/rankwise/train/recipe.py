@@ -1,0 +1,304 @@
+"""The training recipe: read top to bottom, it is the whole loop.
+
+    validate -> load data and model -> apply method -> optimizer, schedule, hooks -> (resume)
+    -> for each step: micro-batches, backward, clip, step, hooks, eval, checkpoint -> save, plot
+
+Methods, optimizers and hooks come from registries; this file names none of them.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rankwise import runtime
+from rankwise.config import Config, save_config
+from rankwise.data import collate, encode_all, load_splits
+from rankwise.methods import get_method
+from rankwise.models import load_model, load_tokenizer
+from rankwise.optim import get_optimizer, trainable_parameters
+from rankwise.train import checkpoint as ckpt
+from rankwise.train.flops import FlopMeter
+from rankwise.train.hooks import build_hooks
+from rankwise.train.loss import mean_loss, token_loss_sum
+from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
+from rankwise.train.schedule import build_scheduler
+from rankwise.train.stream import ExampleStream
+from rankwise.validate import validate
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class Run:
+    """Everything a run holds; hooks see it through rankwise.train.hooks.RunContext."""
+
+    cfg: Config
+    out: Path
+    model: torch.nn.Module
+    tokenizer: object
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    stream: ExampleStream
+    train_items: list[dict]
+    tiny_batches: list[dict]
+    test_batches: list[dict]
+    autocast: object
+    device: torch.device
+    log_file: MetricsLog
+    hooks: list = field(default_factory=list)
+    flops: FlopMeter = field(default_factory=FlopMeter)
+    step: int = 0
+    cum_flops: float = 0.0  # train steps + hook work (held-out evaluation is not counted)
+    cum_seconds: float = 0.0
+    tokens_seen: int = 0
+    stop_reason: str | None = None
+    held_out_example: dict | None = None  # one test example, for the before/after generation
+
+    # ---- what hooks may use -------------------------------------------------------------------
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return trainable_parameters(self.model)
+
+    def tiny_loss(self) -> float:
+        """Mean loss on the tiny held-out set; its FLOPs and seconds are charged to the run."""
+        start = time.perf_counter()
+        with self.flops.measure():
+            value = mean_loss(self.model, self.tiny_batches, self.autocast)
+        self.add_cost(self.flops.last, time.perf_counter() - start)
+        return value
+
+    def add_cost(self, flops: float, seconds: float) -> None:
+        self.cum_flops += flops
+        self.cum_seconds += seconds
+
+    def log(self, record: dict) -> None:
+        self.log_file.write({"step": self.step, "cum_flops": self.cum_flops, "cum_seconds": self.cum_seconds,
+                             **record})
+
+    # ---- the loop's own pieces ----------------------------------------------------------------
+    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        items = [self.train_items[i] for i in indices]
+        return {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
+
+    def test_loss(self) -> float:
+        return mean_loss(self.model, self.test_batches, self.autocast)
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
+                "rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks},
+                "cum_flops": self.cum_flops, "cum_seconds": self.cum_seconds, "tokens_seen": self.tokens_seen}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.stream.load_state_dict(state["stream"])
+        for hook in self.hooks:
+            hook.load_state_dict(state["hooks"].get(hook.name, {}))
+        self.cum_flops, self.cum_seconds = state["cum_flops"], state["cum_seconds"]
+        self.tokens_seen = state["tokens_seen"]
+        runtime.set_rng_state(state["rng"])
+
+    def save(self) -> Path:
+        method = get_method(self.cfg.method)
+        meta = {"method": self.cfg.method, "model": self.cfg.model, "config": self.cfg.to_dict()}
+        return ckpt.save_checkpoint(self.out, self.step, lambda p: method.save(self.model, p),
+                                    self.state_dict(), meta)
+
+
+def _batches(tok, examples: list[dict], cfg: Config, device) -> list[dict]:
+    items = encode_all(tok, examples, cfg.max_length)
+    size = cfg.batch_size
+    return [{k: v.to(device) for k, v in collate(items[i:i + size], tok.pad_token_id).items()}
+            for i in range(0, len(items), size)]
+
+
+def build_run(cfg: Config, say=print) -> Run:
+    """Everything up to the first step: data, model, method, optimizer, schedule, hooks, resume."""
+    validate(cfg)
+    out = Path(cfg.out)
+    resume_from = ckpt.resolve(cfg.resume, out) if cfg.resume else None
+    if cfg.overwrite and out.exists():
+        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png", "config.yaml"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    runtime.seed_everything(cfg.seed)
+    device = runtime.pick_device(cfg.device)
+
+    tok = load_tokenizer(cfg.model)
+    splits = load_splits(cfg.data)
+    train_items = encode_all(tok, splits.train, cfg.max_length)
+    if not train_items:
+        raise ValueError(f"no training example fits in max_length={cfg.max_length} tokens")
+    say(f"data: {len(train_items)} train / {len(splits.tiny)} tiny / {len(splits.test)} test examples")
+
+    base = load_model(cfg.model)
+    method = get_method(cfg.method)
+    if resume_from is not None:
+        model = method.load(base, resume_from / ckpt.ADAPTER, trainable=True)
+    else:
+        model = method.apply(base, cfg)
+    model.to(device).train()
+    n_train = sum(p.numel() for p in trainable_parameters(model))
+    n_all = sum(p.numel() for p in model.parameters())
+    say(f"model: {cfg.model} | method {cfg.method}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+
+    optimizer = get_optimizer(cfg.optimizer).build(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule)
+    autocast = runtime.autocast_for(cfg.precision, device)
+    run = Run(cfg=cfg, out=out, model=model, tokenizer=tok, optimizer=optimizer, scheduler=scheduler,
+              stream=ExampleStream(len(train_items), cfg.seed), train_items=train_items,
+              tiny_batches=_batches(tok, splits.tiny, cfg, device),
+              test_batches=_batches(tok, splits.test[:cfg.eval_examples], cfg, device),
+              autocast=autocast, device=device, hooks=build_hooks(cfg), flops=FlopMeter(cfg.count_flops),
+              log_file=MetricsLog(out / "metrics.jsonl",
+                                  truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"]))
+    run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
+    if resume_from is not None:
+        run.load_state_dict(torch.load(resume_from / ckpt.STATE, weights_only=False))
+        say(f"resumed from {resume_from} at step {run.step}")
+    save_config(cfg, out / "config.yaml")
+    return run
+
+
+def _check_writable(out: Path) -> None:
+    probe = out / ".write-probe"
+    try:
+        probe.write_bytes(b"x" * 4096)
+    except OSError as e:
+        raise OSError(f"cannot write to out={out}: {e.strerror}") from None
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+def train_step(run: Run) -> dict:
+    """One optimizer step over grad_accum micro-batches; loss is the token-weighted mean."""
+    cfg = run.cfg
+    batches = [run.batch(run.stream.take(cfg.batch_size)) for _ in range(cfg.grad_accum)]
+    n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    start = time.perf_counter()
+    total = 0.0
+    with run.flops.measure():
+        for b in batches:
+            with run.autocast():
+                loss_sum, _ = token_loss_sum(run.model, b)
+            (loss_sum / n_labelled).backward()
+            total += loss_sum.item()
+        loss = total / n_labelled
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping (last good checkpoint "
+                                   f"kept in {run.out}); try a lower lr or precision=fp32")
+        params = run.trainable()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+        run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    lr = run.scheduler.get_last_lr()[0]
+    run.scheduler.step()
+    seconds = time.perf_counter() - start
+    run.step += 1
+    run.tokens_seen += n_tokens
+    run.add_cost(run.flops.last, seconds)
+    record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+              "tok_s": n_tokens / seconds, "flops": run.flops.last, "seconds": seconds}
+    run.log(record)
+    return record
+
+
+class _StopOnSignal:
+    """SIGINT / SIGTERM ask the loop to save and stop after the current step; a second SIGINT aborts."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __enter__(self):
+        self.previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self.previous:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.run.stop_reason is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.run.stop_reason = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
+
+
+def train(cfg: Config, say=print) -> dict:
+    """Run the recipe; returns a summary (final held-out loss, steps, costs, output paths)."""
+    run = build_run(cfg, say)
+    try:
+        return _loop(run, say)
+    finally:
+        run.log_file.close()
+
+
+def _sample(run: Run, label: str, say) -> str:
+    from rankwise.generate import generate
+
+    messages = run.held_out_example["messages"][:-1]
+    text = generate(run.model, run.tokenizer, messages, max_new_tokens=48, autocast=run.autocast)
+    say(f"--- {label} ---\n{text}")
+    return text
+
+
+def _loop(run: Run, say) -> dict:
+    cfg = run.cfg
+    fresh = run.step == 0
+    if fresh:
+        if cfg.sample:
+            say(f"held-out function:\n{run.held_out_example['messages'][-2]['content']}\n"
+                f"--- reference docstring ---\n{run.held_out_example['messages'][-1]['content']}")
+            _sample(run, "before training", say)
+        run.log({"kind": "eval", "eval_loss": run.test_loss()})
+    for hook in run.hooks:
+        hook.on_train_start(run)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+    last = None
+    with _StopOnSignal(run):
+        while run.step < cfg.steps and run.stop_reason is None:
+            last = train_step(run)
+            for hook in run.hooks:
+                hook.after_step(run)
+            bar.update(1)
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tok_s']:.0f}")
+            if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
+                eval_loss = run.test_loss()
+                run.log({"kind": "eval", "eval_loss": eval_loss})
+                bar.write(f"step {run.step}: held-out loss {eval_loss:.4f}")
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+                run.save()
+    bar.close()
+    saved = run.save()
+    if run.stop_reason is not None:
+        say(f"stopped by {run.stop_reason} at step {run.step}; resume with: rankwise train resume={run.out} "
+            f"(same config)")
+        return {"stopped": run.stop_reason, "step": run.step, "checkpoint": str(saved)}
+    final_loss = run.test_loss()
+    run.log({"kind": "eval", "eval_loss": final_loss})
+    records = read_metrics(run.out / "metrics.jsonl")
+    evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
+    plot_losses(records, run.out / "loss.png", title=f"{cfg.method} on {cfg.data}")
+    say(f"held-out loss: {evals[0]:.4f} -> {final_loss:.4f} | {run.cum_flops / 1e12:.2f} TFLOPs, "
+        f"{run.cum_seconds:.0f} s of training | adapter: {saved / ckpt.ADAPTER}")
+    if cfg.sample:
+        _sample(run, "after training", say)
+    return {"step": run.step, "eval_loss_start": evals[0], "eval_loss": final_loss, "checkpoint": str(saved),
+            "cum_flops": run.cum_flops, "cum_seconds": run.cum_seconds, "tokens_seen": run.tokens_seen}
