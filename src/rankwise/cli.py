@@ -59,7 +59,7 @@ def cmd_merge(ns) -> int:
 def cmd_methods(ns) -> int:
     from rankwise.methods import METHODS
     from rankwise.optim import OPTIMIZERS
-    from rankwise.train.hooks import HOOKS
+    from rankwise.hooks import HOOKS
 
     print("methods:   ", ", ".join(sorted(METHODS)))
     print("optimizers:", ", ".join(sorted(OPTIMIZERS)))
@@ -71,6 +71,12 @@ def cmd_bench(ns) -> int:
     from rankwise.bench import run_bench
 
     return run_bench(ns.name, ns.args)
+
+
+def cmd_pretrain(ns) -> int:
+    from rankwise.train.pretrain import main as pretrain_main  # LoRA-Pre issue: pre-training recipe
+
+    return pretrain_main(ns.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -97,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("methods", help="list the registered methods, optimizers and hooks")
     p.set_defaults(func=cmd_methods)
+
+    p = sub.add_parser("pretrain", help="pre-train a small Llama from scratch on offline text")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_pretrain)
 
     p = sub.add_parser("bench", help="benchmarks; `rankwise bench NAME --help` for each")
     p.add_argument("name", help="which benchmark, e.g. throughput")

@@ -59,7 +59,9 @@ class Config:
     out: str = "runs/default"
     resume: str | None = None  # a checkpoint directory, a run directory, or "latest" (in `out`)
     overwrite: bool = False  # start over in an `out` that already holds a run (its files are replaced)
-    hooks: list[str] = field(default_factory=list)  # step hooks by name, see rankwise.train.hooks
+    hooks: list[str] = field(default_factory=list)  # step hooks by name, see rankwise.hooks
+    fast_forward: bool = False  # Fast Forward stages between optimizer steps (rankwise.hooks.fast_forward)
+    ff: dict = field(default_factory=dict)  # Fast Forward options, e.g. ff.interval=6
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

@@ -8,7 +8,7 @@ from rankwise.data import check_data
 from rankwise.methods import get_method
 from rankwise.models import check_model
 from rankwise.optim import get_optimizer
-from rankwise.train.hooks import check_hooks
+from rankwise.hooks import check_hooks
 from rankwise.train.schedule import SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")

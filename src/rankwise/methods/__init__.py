@@ -1,7 +1,7 @@
 """Adapter methods: how a base model becomes a trainable model, and how the trained part is saved.
 
-A method is looked up by name in METHODS. New methods call `register` from their own module and are
-imported at the bottom of this file; the training loop never names a method.
+A method is looked up by name in METHODS. A new method is a new module in this package that calls
+`register`; it is found automatically. The training loop never names a method.
 """
 from __future__ import annotations
 
@@ -50,4 +50,6 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-from rankwise.methods import full, peft_lora  # noqa: E402,F401  (registration)
+from rankwise.plugins import discover  # noqa: E402
+
+discover(__name__, __path__, globals())

@@ -47,3 +47,7 @@ def _check_adamw(cfg: Config) -> None:
 
 
 register("adamw", _adamw, _check_adamw)
+
+from rankwise.plugins import discover  # noqa: E402
+
+discover(__name__, __path__, globals())

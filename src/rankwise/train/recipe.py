@@ -25,7 +25,7 @@ from rankwise.models import load_model, load_tokenizer
 from rankwise.optim import get_optimizer, trainable_parameters
 from rankwise.train import checkpoint as ckpt
 from rankwise.train.flops import FlopMeter
-from rankwise.train.hooks import build_hooks
+from rankwise.hooks import build_hooks
 from rankwise.train.loss import mean_loss, token_loss_sum
 from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
 from rankwise.train.schedule import build_scheduler
@@ -39,7 +39,7 @@ class TrainingDiverged(RuntimeError):
 
 @dataclass
 class Run:
-    """Everything a run holds; hooks see it through rankwise.train.hooks.RunContext."""
+    """Everything a run holds; hooks see it through rankwise.hooks.RunContext."""
 
     cfg: Config
     out: Path

@@ -65,3 +65,8 @@ def build_hooks(cfg: Config) -> list[StepHook]:
         if hook is not None:
             hooks.append(hook)
     return hooks
+
+
+from rankwise.plugins import discover  # noqa: E402
+
+discover(__name__, __path__, globals())

@@ -1,0 +1,28 @@
+"""Benchmarks: each module measures one claim side by side in one run and reports it.
+
+A benchmark module calls `register(name, main)` where `main(argv: list[str]) -> int` parses its own
+options (argparse, with --help). `rankwise bench NAME ...` dispatches here. Benchmarks only measure:
+they use the library, never the other way round.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from rankwise.config import ConfigError
+
+BENCHES: dict[str, Callable[[list[str]], int]] = {}
+
+
+def register(name: str, main: Callable[[list[str]], int]) -> None:
+    BENCHES[name] = main
+
+
+def run_bench(name: str, argv: list[str]) -> int:
+    if name not in BENCHES:
+        raise ConfigError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHES)) or '-'}")
+    return BENCHES[name](argv)
+
+
+from rankwise.plugins import discover  # noqa: E402
+
+discover(__name__, __path__, globals())
