@@ -1,0 +1,235 @@
+"""LoRA-Pre: full-rank training whose Adam moments live in rank-r factors (arXiv 2602.24283).
+
+Adam's EMA m <- b*m + (1-b)*g is one gradient step on 1/2||m - g||^2. LoRA-Pre keeps the momentum of
+each p x q weight as m_B @ m_A (p x r times r x q) and moves each factor toward g every step with a
+damped closed-form Newton step, the other factor held fixed (spec: shared/specs/lora-pre.md):
+    m_B <- (1-gamma) m_B + gamma g m_A^T (m_A m_A^T + delta I)^-1
+    m_A <- (1-gamma) m_A + gamma (m_B^T m_B + delta I)^-1 m_B^T g
+With (1-gamma)^2 = beta the product decays at beta and the gradient enters with weight 1-beta (exactly,
+when g lies in the factors' subspaces). The second moment regresses |g| so that v = (v_B v_A)^2 >= 0.
+
+`LoRAPreAdam.for_model(model, rank=...)` picks the attention/MLP Linear weights for low-rank state and
+leaves embeddings, head and norms to plain AdamW; `param_groups` with rank=0 are plain AdamW too.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rankwise.config import Config, ConfigError
+from rankwise.optim import register
+
+__all__ = ["LoRAPreAdam", "lora_pre_groups", "advance_factors", "optimizer_state_bytes"]
+
+
+def advance_factors(B: torch.Tensor, A: torch.Tensor, target: torch.Tensor, gamma: float, delta: float) -> None:
+    """One damped Newton step of B (p x r), then of A (r x q) with the new B, toward B @ A ~= target, in
+    place; then A's rows are re-orthonormalised with the product B @ A unchanged."""
+    newton_step_B(B, A, target, gamma, delta)
+    newton_step_A(B, A, target, gamma, delta)
+    # B A = (B R^T)(Q^T) for A^T = Q R: the same product, but neither factor drifts ill-conditioned over
+    # many steps (both Newton steps are invariant to this change of basis, up to delta)
+    Q, R = torch.linalg.qr(A.T)
+    B.copy_(B @ R.T)
+    A.copy_(Q.T)
+
+
+def newton_step_B(B, A, target, gamma: float, delta: float) -> None:
+    """B <- (1-gamma) B + gamma target A^T (A A^T + delta I)^-1  (A A^T is symmetric: solve, transpose)."""
+    eye = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
+    B.mul_(1 - gamma).add_(torch.linalg.solve(A @ A.T + delta * eye, A @ target.T).T, alpha=gamma)
+
+
+def newton_step_A(B, A, target, gamma: float, delta: float) -> None:
+    """A <- (1-gamma) A + gamma (B^T B + delta I)^-1 B^T target."""
+    eye = torch.eye(B.shape[1], device=B.device, dtype=B.dtype)
+    A.mul_(1 - gamma).add_(torch.linalg.solve(B.T @ B + delta * eye, B.T @ target), alpha=gamma)
+
+
+def _adamw_step(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    """Plain AdamW with fp32 moments, for parameters that keep full-size state."""
+    beta1, beta2 = group["betas"]
+    if "exp_avg" not in state:
+        state["step"] = 0
+        state["exp_avg"] = torch.zeros_like(g)
+        state["exp_avg_sq"] = torch.zeros_like(g)
+    state["step"] += 1
+    t = state["step"]
+    state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
+    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
+    m_hat = state["exp_avg"] / (1 - beta1 ** t)
+    v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
+    _apply(p, m_hat / (v_hat.sqrt_() + group["eps"]), group, scale=1.0)
+
+
+def _apply(p: torch.Tensor, update: torch.Tensor, group: dict, scale: float) -> None:
+    """theta <- theta - lr (scale * update + wd * theta): decoupled weight decay, as in AdamW."""
+    if group["weight_decay"]:
+        p.mul_(1 - group["lr"] * group["weight_decay"])
+    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+
+
+def _low_rank(p: torch.Tensor, group: dict) -> bool:
+    return group["rank"] > 0 and p.ndim == 2 and group["rank"] < min(p.shape)
+
+
+class _LowRankOptimizer(torch.optim.Optimizer):
+    """Shared parts: factor init, the low-rank/dense split per parameter, exact state_dict round trip."""
+
+    def _init_factors(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
+        rows, cols = p.shape
+        r = group["rank"]
+        state = {"step": 0}
+        for name in names:  # B factors start at zero (so the first product is 0), A factors small random
+            if name.endswith("B"):
+                state[name] = torch.zeros(rows, r, device=p.device, dtype=torch.float32)
+            else:
+                state[name] = torch.randn(r, cols, device=p.device, dtype=torch.float32) * group["init_std"]
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; the factors must stay fp32, bit for bit
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, value in state_dict["state"].get(i, {}).items():
+                if torch.is_tensor(value):
+                    self.state[p][key] = value.to(p.device, copy=True)
+
+
+class LoRAPreAdam(_LowRankOptimizer):
+    """Adam whose first and second moments of 2-D weights are held as rank-r fp32 factors.
+
+    Per adapted p x q weight the state is m_B, v_B (p x r) and m_A, v_A (r x q): 2 r (p + q) floats.
+    Groups with rank=0, and non-2-D tensors, get plain AdamW. `scale` multiplies the low-rank update
+    (GaLore's experiments use 0.25). beta2 ~ 0.95 is advised: (EMA|g|)^2 <= EMA(g^2) makes steps larger.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, rank: int = 16, betas=(0.9, 0.95), eps: float = 1e-8,
+                 weight_decay: float = 0.0, delta: float = 1e-6, scale: float = 1.0, init_std: float = 0.02):
+        if lr < 0 or rank < 0 or delta <= 0 or not all(0 <= b < 1 for b in betas):
+            raise ValueError(f"invalid LoRAPreAdam settings: lr={lr} rank={rank} delta={delta} betas={betas}")
+        defaults = dict(lr=lr, rank=rank, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
+                        scale=scale, init_std=init_std)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, **kwargs) -> "LoRAPreAdam":
+        """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
+        return cls(lora_pre_groups(model, rank, targets), **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            gamma1 = 1 - math.sqrt(beta1)  # (1-gamma1)^2 = beta1: the product m_B m_A decays at beta1
+            gamma2 = 1 - beta2 ** 0.25  # the |g| product decays at sqrt(beta2), its square at beta2
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not _low_rank(p, group):
+                    _adamw_step(p, g, state, group)
+                    continue
+                if not state:
+                    state.update(self._init_factors(p, group, ("m_B", "m_A", "v_B", "v_A")))
+                state["step"] += 1
+                t = state["step"]
+                # the current gradient enters at full rank; only the history is low rank (transient p x q)
+                m = (state["m_B"] @ state["m_A"]).mul_(beta1).add_(g, alpha=1 - beta1)
+                v = (state["v_B"] @ state["v_A"]).square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                advance_factors(state["m_B"], state["m_A"], g, gamma1, group["delta"])
+                advance_factors(state["v_B"], state["v_A"], g.abs(), gamma2, group["delta"])
+                m.div_(1 - beta1 ** t)
+                v.div_(1 - beta2 ** t)
+                _apply(p, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
+        return loss
+
+
+def lora_pre_groups(model: nn.Module, rank: int, targets=None) -> list[dict]:
+    """Split a model's trainable parameters into a low-rank group and a plain AdamW group.
+
+    targets=None picks every nn.Linear weight inside the decoder blocks (attention and MLP projections),
+    never the input embedding or the output head (tied or not). A list of name fragments (e.g.
+    ["q_proj", "v_proj"]) or the string "all-linear" overrides the choice.
+    """
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t for t in targets.split(",") if t]
+    skip = set()
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        module = getattr(model, get, lambda: None)()
+        if module is not None and getattr(module, "weight", None) is not None:
+            skip.add(id(module.weight))
+    chosen = []
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Linear) or weight is None or not weight.requires_grad or id(weight) in skip:
+            continue
+        if targets in (None, "all-linear") or any(t in name for t in targets):
+            chosen.append(weight)
+    if not chosen:
+        raise ConfigError(f"no Linear weight matched targets={targets!r} for low-rank optimizer state")
+    picked = {id(w) for w in chosen}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in picked]
+    return [{"params": chosen, "rank": rank}, {"params": rest, "rank": 0}]
+
+
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes held in an optimizer's per-parameter state tensors (also tensors on state objects,
+    e.g. GaLore's projector matrix); transient buffers made during step() are not included."""
+    seen, total = set(), 0
+
+    def count(value, depth=0):
+        nonlocal total
+        if torch.is_tensor(value):
+            if value.data_ptr() not in seen:
+                seen.add(value.data_ptr())
+                total += value.numel() * value.element_size()
+        elif isinstance(value, dict):
+            for v in value.values():
+                count(v, depth + 1)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                count(v, depth + 1)
+        elif depth < 3 and hasattr(value, "__dict__"):
+            count(vars(value), depth + 1)
+
+    for state in optimizer.state.values():
+        count(state)
+    return total
+
+
+# ---- recipe registration: optimizer=lorapre -----------------------------------------------------
+ADAM_ARGS = {"rank", "delta", "scale", "targets", "eps", "init_std"}
+
+
+def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
+    """Shared check for optimizers that train full weights with low-rank state; returns the rank."""
+    if cfg.method != "full":
+        raise ConfigError(f"optimizer {name!r} trains the full weights: use method=full (got method={cfg.method})")
+    unknown = sorted(set(cfg.optimizer_args) - allowed)
+    if unknown:
+        raise ConfigError(f"optimizer {name!r} does not know optimizer_args {unknown}; "
+                          f"known: {', '.join(sorted(allowed))}")
+    rank = cfg.optimizer_args.get("rank", cfg.rank)
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ConfigError(f"optimizer {name!r} needs a positive integer rank, got {rank!r}")
+    return rank
+
+
+def _build_adam(model, cfg: Config) -> LoRAPreAdam:
+    args = dict(cfg.optimizer_args)
+    rank, targets = args.pop("rank", cfg.rank), args.pop("targets", None)
+    return LoRAPreAdam.for_model(model, rank=rank, targets=targets, lr=cfg.lr, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay, **args)
+
+
+register("lorapre", _build_adam, lambda cfg: check_full_rank_optimizer(cfg, "lorapre", ADAM_ARGS))

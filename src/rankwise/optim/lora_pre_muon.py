@@ -1,0 +1,96 @@
+"""LoRA-Pre's Muon variant: Muon's momentum held as one rank-r factor pair per 2-D weight.
+
+    m_t = mu (m_B m_A)_{t-1} + g_t          (current gradient at full rank, history low rank)
+    (m_B, m_A) advance toward g_t / (1 - mu) with 1 - gamma = sqrt(mu), so their product tracks m_t
+    theta <- theta - lr * scale * 0.2 sqrt(max(p, q)) * NewtonSchulz(m_t)   (+ decoupled weight decay)
+The 0.2 sqrt(max(p, q)) factor gives the orthogonalised update AdamW's typical RMS (Moonlight), so one
+learning rate serves both the Muon-stepped matrices and the AdamW-stepped rest (embeddings, norms, head).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rankwise.config import Config
+from rankwise.optim import register
+from rankwise.optim.lora_pre import (_adamw_step, _apply, _low_rank, _LowRankOptimizer, advance_factors,
+                                     check_full_rank_optimizer, lora_pre_groups)
+
+__all__ = ["LoRAPreMuon", "newton_schulz"]
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonalise G (U S V^T -> ~U V^T) with Muon's quintic Newton-Schulz iteration."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1, inside the iteration's basin
+    tall = X.shape[0] > X.shape[1]
+    if tall:  # iterate on the smaller Gram matrix
+        X = X.T
+    for _ in range(steps):
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+class LoRAPreMuon(_LowRankOptimizer):
+    """Muon with rank-r fp32 momentum factors m_B (p x r), m_A (r x q): r (p + q) floats per weight.
+
+    Groups with rank=0 and non-2-D tensors get plain AdamW (betas, eps). `scale` multiplies the Muon update.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, rank: int = 16, momentum: float = 0.95, nesterov: bool = True,
+                 ns_steps: int = 5, betas=(0.9, 0.95), eps: float = 1e-8, weight_decay: float = 0.0,
+                 delta: float = 1e-6, scale: float = 1.0, init_std: float = 0.02):
+        if lr < 0 or rank < 0 or delta <= 0 or not 0 <= momentum < 1:
+            raise ValueError(f"invalid LoRAPreMuon settings: lr={lr} rank={rank} delta={delta} momentum={momentum}")
+        defaults = dict(lr=lr, rank=rank, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                        betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta, scale=scale,
+                        init_std=init_std)
+        super().__init__(params, defaults)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, **kwargs) -> "LoRAPreMuon":
+        return cls(lora_pre_groups(model, rank, targets), **kwargs)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            mu = group["momentum"]
+            gamma = 1 - math.sqrt(mu)  # (1-gamma)^2 = mu: the factor product decays at mu
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.float()
+                state = self.state[p]
+                if not _low_rank(p, group):
+                    _adamw_step(p, g, state, group)
+                    continue
+                if not state:
+                    state.update(self._init_factors(p, group, ("m_B", "m_A")))
+                state["step"] += 1
+                m = (state["m_B"] @ state["m_A"]).mul_(mu).add_(g)
+                # regress g / (1 - mu): the product then moves to mu * history + g, i.e. to m_t
+                advance_factors(state["m_B"], state["m_A"], g / (1 - mu), gamma, group["delta"])
+                direction = g.add(m, alpha=mu) if group["nesterov"] else m
+                rms_match = 0.2 * math.sqrt(max(p.shape))
+                _apply(p, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
+        return loss
+
+
+MUON_ARGS = {"rank", "delta", "scale", "targets", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
+
+
+def _build(model, cfg: Config) -> LoRAPreMuon:
+    args = dict(cfg.optimizer_args)
+    rank, targets = args.pop("rank", cfg.rank), args.pop("targets", None)
+    return LoRAPreMuon.for_model(model, rank=rank, targets=targets, lr=cfg.lr, betas=cfg.betas,
+                                 weight_decay=cfg.weight_decay, **args)
+
+
+register("lorapre-muon", _build, lambda cfg: check_full_rank_optimizer(cfg, "lorapre-muon", MUON_ARGS))
