@@ -1,0 +1,210 @@
+"""Fast Forward (Rahamim et al., EMNLP 2024): extrapolate the optimizer's own direction while it pays.
+
+Every `interval` optimizer steps a stage runs: with W_t the trainable tensors and d a direction (the
+last optimizer step, W_t - W_{t-1}, or the mean step over the interval), it searches the line
+W_t + s * d (s in units of optimizer steps) for the lowest loss on a tiny held-out set, moves there,
+and leaves the optimizer's state alone. Each tensor moves on its own (for LoRA: A and B separately,
+so the product BA moves quadratically in s).
+
+What differs from the reference code, and why:
+- L(W_t) is measured first and a point is kept only if it is strictly better (no free first step);
+- the stage always ends at the best point it evaluated (the reference kept the one that got worse);
+- s is capped; the default search doubles s = 1, 2, 4, ... to bracket the minimum and refines the
+  bracket with a parabola (or golden section): O(log s) tiny-set forwards instead of O(s);
+- a stage that accepts nothing stretches the interval (x `backoff`), so FF costs little when idle.
+The reference search stays available as `search="reference"` for comparison.
+
+The LR schedule is not touched: it is indexed by optimizer steps, and FF steps are not optimizer steps.
+The direction already carries the current LR (it is a step the optimizer took), so a decaying schedule
+shrinks FF moves along with SGD moves.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Callable
+
+import torch
+
+from rankwise.fastforward.search import SEARCHES, REFINES, line_search
+
+DIRECTIONS = ("step", "interval")
+
+
+@dataclass
+class FFOptions:
+    interval: int = 6  # optimizer steps between stages (while stages pay)
+    burn_in: int = 6  # optimizer steps before the first stage
+    cap: float = 32.0  # the furthest a stage may go, in optimizer steps of the direction
+    direction: str = "step"  # step: W_t - W_{t-1} (the paper) | interval: mean step since the last stage
+    search: str = "doubling"  # doubling (bracket + refine) | linear (k=1,2,3.. + revert) | reference (paper)
+    refine: str = "parabolic"  # parabolic | golden | none: how a doubling bracket is narrowed
+    refine_evals: int = 1  # tiny-set evaluations spent narrowing the bracket
+    backoff: float = 2.0  # interval multiplier after a stage that accepts nothing (1 = never back off)
+    max_interval: int = 96  # the interval never stretches beyond this
+    tiny_examples: int = 32  # tiny-set examples per evaluation (used by the recipe and the callback)
+
+    def __post_init__(self):
+        check_options(asdict(self))
+
+
+OPTION_NAMES = tuple(f.name for f in fields(FFOptions))
+
+
+def check_options(values: dict) -> None:
+    """Raise ValueError with a one-line reason unless `values` are valid FF options."""
+    unknown = sorted(set(values) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(f"unknown Fast Forward option(s) {unknown}; valid: {', '.join(OPTION_NAMES)}")
+
+    def need(ok: bool, what: str):
+        if not ok:
+            raise ValueError(what)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    v = values
+    for key in ("interval", "tiny_examples", "max_interval"):
+        if key in v:
+            need(integer(v[key]) and v[key] >= 1, f"ff.{key} must be an integer >= 1, got {v[key]!r}")
+    for key in ("burn_in", "refine_evals"):
+        if key in v:
+            need(integer(v[key]) and v[key] >= 0, f"ff.{key} must be an integer >= 0, got {v[key]!r}")
+    if "cap" in v:
+        need(number(v["cap"]) and v["cap"] >= 1, f"ff.cap must be a number >= 1, got {v['cap']!r}")
+    if "backoff" in v:
+        need(number(v["backoff"]) and v["backoff"] >= 1, f"ff.backoff must be a number >= 1, got {v['backoff']!r}")
+    if "direction" in v:
+        need(v["direction"] in DIRECTIONS, f"ff.direction must be one of {', '.join(DIRECTIONS)}, got {v['direction']!r}")
+    if "search" in v:
+        need(v["search"] in SEARCHES, f"ff.search must be one of {', '.join(SEARCHES)}, got {v['search']!r}")
+    if "refine" in v:
+        need(v["refine"] in REFINES, f"ff.refine must be one of {', '.join(REFINES)}, got {v['refine']!r}")
+    if "interval" in v and "max_interval" in v:
+        need(v["max_interval"] >= v["interval"], f"ff.max_interval ({v['max_interval']}) must be >= ff.interval "
+                                                 f"({v['interval']})")
+
+
+def _all_reduce_mean(value) -> float:
+    """The mean loss over ranks, so that every rank takes the same decision.
+
+    `value` is a float (a rank's mean) or a pair (loss_sum, count) for token-weighted means of shards.
+    """
+    total, count = value if isinstance(value, tuple) else (float(value), 1.0)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return float(total) / max(float(count), 1e-12)
+    # float64 and one collective: every rank receives the same bits
+    t = torch.tensor([float(total), float(count)], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        t = t.cuda()
+    torch.distributed.all_reduce(t)
+    return float(t[0]) / max(float(t[1]), 1e-12)
+
+
+class FastForward:
+    """Fast Forward stages for any PyTorch loop. Call `after_step()` after each optimizer step.
+
+    params: the trainable tensors (the adapter's, or all of them for full fine-tuning).
+    tiny_loss: returns the tiny-set loss at the current weights (a float, or (sum, count)); it should
+        run without autograd; under torch.distributed it is averaged over ranks here.
+    Returns from `after_step()` a stage record (dict) when a stage ran, else None.
+    """
+
+    def __init__(self, params, tiny_loss: Callable[[], float | tuple[float, float]],
+                 options: FFOptions | dict | None = None):
+        self.params = [p for p in params]
+        if not self.params:
+            raise ValueError("Fast Forward needs at least one trainable tensor")
+        self.tiny_loss = tiny_loss
+        self.options = options if isinstance(options, FFOptions) else FFOptions(**(options or {}))
+        o = self.options
+        self.step = 0  # optimizer steps seen
+        self.interval = o.interval  # current interval (stretched by back-off)
+        self.next_stage = max(1, o.burn_in)  # the optimizer step after which the next stage runs
+        self.snapshot: list[torch.Tensor] | None = None  # W at `snapshot_step`, for the direction
+        self.snapshot_step = 0
+        self.stages = self.empty_stages = self.evals = 0
+        self.ff_steps = 0.0  # sum of accepted s over all stages
+
+    # ---- the loop calls this ----------------------------------------------------------------------
+    @torch.no_grad()
+    def after_step(self) -> dict | None:
+        self.step += 1
+        o = self.options
+        if self.step == self.next_stage:
+            if self.snapshot is None:  # e.g. burn_in <= 1: no direction yet, try again next step
+                self.next_stage += 1
+                self._take_snapshot()
+                return None
+            record = self._stage()
+            if o.direction == "interval":
+                self._take_snapshot()  # the next direction starts where this stage ended
+            else:
+                self.snapshot = None
+            return record
+        if o.direction == "step" and self.step == self.next_stage - 1:
+            self._take_snapshot()  # W_{t-1}, for d = W_t - W_{t-1}
+        elif o.direction == "interval" and self.snapshot is None:
+            self._take_snapshot()
+        return None
+
+    # ---- one stage -----------------------------------------------------------------------------
+    def _take_snapshot(self) -> None:
+        self.snapshot = [p.detach().clone() for p in self.params]
+        self.snapshot_step = self.step
+
+    def _stage(self) -> dict:
+        o = self.options
+        span = self.step - self.snapshot_step  # optimizer steps the direction covers
+        origin = [p.detach().clone() for p in self.params]
+        # d = (W_t - W_snapshot) / span: one mean optimizer step; reuse the snapshot's memory
+        direction = self.snapshot
+        for d, w in zip(direction, origin):
+            d.neg_().add_(w).div_(span)
+        self.snapshot = None
+
+        def move_to(s: float) -> None:
+            for p, w, d in zip(self.params, origin, direction):
+                torch.add(w, d, alpha=s, out=p.data) if s else p.data.copy_(w)
+
+        def loss_at(s: float) -> float:
+            move_to(s)
+            return _all_reduce_mean(self.tiny_loss())
+
+        result = line_search(loss_at, o.search, o.cap, o.refine, o.refine_evals)
+        move_to(result.kept_s)  # the best point (the reference search keeps its last one)
+        accepted = result.kept_s
+        self.stages += 1
+        self.evals += result.evals
+        self.ff_steps += accepted
+        empty = accepted == 0
+        if empty:
+            self.empty_stages += 1
+            self.interval = min(o.max_interval, max(self.interval + 1, math.ceil(self.interval * o.backoff))) \
+                if o.backoff > 1 else self.interval
+        else:
+            self.interval = o.interval
+        self.next_stage = self.step + self.interval
+        n_params = sum(p.numel() for p in self.params)
+        return {"accepted": accepted, "loss_before": result.loss_before, "loss_after": result.loss_after,
+                "evals": result.evals, "points": result.points, "interval": self.interval,
+                "span": span, "move_flops": 2.0 * n_params * result.moves}
+
+    # ---- exact resume ---------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {"step": self.step, "interval": self.interval, "next_stage": self.next_stage,
+                "snapshot": None if self.snapshot is None else [t.detach().cpu().clone() for t in self.snapshot],
+                "snapshot_step": self.snapshot_step, "stages": self.stages, "empty_stages": self.empty_stages,
+                "evals": self.evals, "ff_steps": self.ff_steps, "options": asdict(self.options)}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("step", "interval", "next_stage", "snapshot_step", "stages", "empty_stages", "evals",
+                    "ff_steps"):
+            setattr(self, key, state[key])
+        snap = state["snapshot"]
+        self.snapshot = None if snap is None else [
+            s.to(device=p.device, dtype=p.dtype).clone() for s, p in zip(snap, self.params)]

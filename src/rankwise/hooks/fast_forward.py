@@ -1,0 +1,79 @@
+"""Fast Forward in the recipe: `rankwise train fast_forward=true ff.interval=6 ...`.
+
+Every stage's tiny-set forwards (measured FLOPs), weight moves (2 FLOPs per parameter) and wall time,
+snapshots included, are charged to the run, so cum_flops / cum_seconds compare honestly with a plain run.
+Each stage is logged as {"kind": "ff", "accepted", "loss_before", "loss_after", "evals", ...}.
+"""
+from __future__ import annotations
+
+import time
+
+from rankwise.config import Config, ConfigError
+from rankwise.fastforward.core import FastForward, FFOptions, check_options
+from rankwise.fastforward.evaluate import tiny_loss_sum, tiny_subset
+from rankwise.hooks import StepHook, register
+
+NAME = "fast_forward"
+
+
+class FastForwardHook(StepHook):
+    name = NAME
+
+    def __init__(self, options: FFOptions):
+        self.options = options
+        self.ff: FastForward | None = None
+        self._pending: dict | None = None  # state loaded before the run started
+        self._eval_flops = 0.0
+
+    def on_train_start(self, run) -> None:
+        batches = tiny_subset(run.tiny_batches, self.options.tiny_examples)
+
+        def tiny_loss():
+            with run.flops.measure():
+                value = tiny_loss_sum(run.model, batches, run.autocast)
+            self._eval_flops += run.flops.last
+            return value
+
+        self.ff = FastForward(run.trainable(), tiny_loss, self.options)
+        if self._pending:
+            self.ff.load_state_dict(self._pending)
+            self._pending = None
+
+    def after_step(self, run) -> None:
+        start = time.perf_counter()
+        self._eval_flops = 0.0
+        stage = self.ff.after_step()
+        seconds = time.perf_counter() - start
+        flops = self._eval_flops + (stage["move_flops"] if stage else 0.0)
+        run.add_cost(flops, seconds)  # snapshots cost time too, stage or not
+        if stage is not None:
+            run.log({"kind": "ff", "accepted": stage["accepted"], "loss_before": stage["loss_before"],
+                     "loss_after": stage["loss_after"], "evals": stage["evals"], "interval": stage["interval"],
+                     "flops": flops, "seconds": seconds, "points": stage["points"]})
+
+    def state_dict(self) -> dict:
+        return self.ff.state_dict() if self.ff is not None else dict(self._pending or {})
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:
+            return
+        if self.ff is not None:
+            self.ff.load_state_dict(state)
+        else:
+            self._pending = state
+
+
+def check(cfg: Config) -> None:
+    try:
+        check_options(cfg.ff)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def build(cfg: Config) -> FastForwardHook | None:
+    if not (cfg.fast_forward or NAME in cfg.hooks):
+        return None
+    return FastForwardHook(FFOptions(**cfg.ff))
+
+
+register(NAME, build, check)
