@@ -1,0 +1,222 @@
+"""LoFT: full-rank equality with AdamW, the projection identities, alpha invariance, exact resume."""
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+
+import rankwise.optim.loft as loft_module
+from rankwise.config import ConfigError
+from rankwise.optim import LoFT, get_optimizer
+from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, ridge_inverse, unpack
+from rankwise.train.recipe import train
+
+F64 = torch.float64
+
+
+def _loss(W, X, Y):
+    return ((torch.tanh(X @ W.T) - Y) ** 2).mean()
+
+
+def _race(n=8, steps=100, weight_decay=0.0, zero_base=True, max_grad_norm=0.0, seed=0):
+    """LoFT on W = W0 + B·A (full rank) against torch AdamW on W; largest relative gap over the steps."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def near_identity():  # keeps W, and so both factors, well conditioned along the whole path
+        return torch.eye(n, dtype=F64) + 0.3 * torch.randn(n, n, generator=gen, dtype=F64) / n ** 0.5
+
+    W0 = torch.zeros(n, n, dtype=F64) if zero_base else torch.randn(n, n, generator=gen, dtype=F64)
+    A, B = torch.nn.Parameter(near_identity()), torch.nn.Parameter(near_identity())
+    W = torch.nn.Parameter((W0 + B @ A).detach().clone())
+    start = (B @ A).detach()
+    target = W0 + near_identity()
+    opts = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+    reference = torch.optim.AdamW([W], **opts)
+    loft = LoFT([(A, B, 1.0)], ridge=1e-15, max_grad_norm=max_grad_norm, **opts)
+    worst = 0.0
+    for _ in range(steps):
+        X = torch.randn(16, n, generator=gen, dtype=F64)
+        Y = torch.tanh(X @ target.T) + 0.1 * torch.randn(16, n, generator=gen, dtype=F64)
+        reference.zero_grad()
+        _loss(W, X, Y).backward()
+        if max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([W], max_grad_norm)
+        reference.step()
+        loft.zero_grad()
+        _loss(W0 + B @ A, X, Y).backward()
+        loft.step()
+        with torch.no_grad():
+            worst = max(worst, float((W0 + B @ A - W).norm() / W.norm()))
+    assert float((W - W0 - start).norm()) > 0.1  # the weights really moved
+    return worst
+
+
+@pytest.mark.parametrize("weight_decay, zero_base", [(0.1, True), (0.0, False)])
+def test_full_rank_loft_is_adamw_on_w(weight_decay, zero_base):
+    worst = _race(weight_decay=weight_decay, zero_base=zero_base)
+    assert worst < 1e-6
+
+
+def test_full_rank_clipping_acts_on_the_full_gradient():
+    worst = _race(max_grad_norm=0.05, steps=40)
+    assert worst < 1e-6
+
+
+def test_released_transport_order_drifts(monkeypatch):
+    # the reference code transports P as C P Cᵀ; the full-rank race must catch that
+    monkeypatch.setattr(loft_module, "congruence", lambda C, k, l: congruence(C.T, k, l))
+    worst = _race(steps=60)
+    assert worst > 1e-2
+
+
+def test_projection_identities():
+    gen = torch.Generator().manual_seed(3)
+    m, n, r, s = 12, 7, 3, 2.5
+    A = torch.randn(r, n, generator=gen, dtype=F64)
+    B = torch.randn(m, r, generator=gen, dtype=F64)
+    G = torch.randn(m, n, generator=gen, dtype=F64)
+    g_B, g_A = s * G @ A.T, s * B.T @ G  # what autograd gives for W = W0 + s·B·A
+    _, inv_A = ridge_inverse(A, 1e-14)
+    _, inv_B = ridge_inverse((s * B).T, 1e-14)
+    g_tilde_B = (g_B / s) @ inv_A
+    g_tilde_A = (g_A.T @ inv_B).T
+    P_A = torch.linalg.pinv(A) @ A
+    P_B = B @ torch.linalg.pinv(B)
+    torch.testing.assert_close(g_tilde_B @ A, G @ P_A)
+    torch.testing.assert_close((s * B) @ g_tilde_A, P_B @ G)
+
+
+def test_packed_second_moment_algebra():
+    gen = torch.Generator().manual_seed(4)
+    r, p, q = 4, 5, 6
+    k, l, w = packed_index(r, "cpu")
+    g = torch.randn(p, r, generator=gen, dtype=F64)
+    P = packed_outer(g, k, l)
+    full = unpack(P, r, k, l)
+    torch.testing.assert_close(full, g[:, :, None] * g[:, None, :])
+    R = torch.randn(r, q, generator=gen, dtype=F64)
+    torch.testing.assert_close(P @ quad_basis(R, k, l, w), torch.einsum("iab,aj,bj->ij", full, R, R))
+    C = torch.randn(r, r, generator=gen, dtype=F64)
+    torch.testing.assert_close(unpack(P @ congruence(C, k, l), r, k, l), C.T @ full @ C)
+
+
+class TwoLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(10, 9)
+        self.fc2 = torch.nn.Linear(9, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _peft(alpha=8.0, seed=0, **extra):
+    torch.manual_seed(seed)
+    base = TwoLayer().double()
+    config = LoraConfig(r=3, lora_alpha=alpha, target_modules=["fc1", "fc2"], **extra)
+    return get_peft_model(base, config).double()
+
+
+def _train(model, opt, steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(steps):
+        x, y = torch.randn(32, 10, generator=gen, dtype=F64), torch.randn(32, 4, generator=gen, dtype=F64)
+        opt.zero_grad()
+        loss = ((model(x) - y) ** 2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _deltas(model):
+    return [m.get_delta_weight("default") for m in model.modules() if hasattr(m, "get_delta_weight")]
+
+
+@pytest.mark.parametrize("simple", [False, True])
+def test_alpha_does_not_change_the_dynamics(simple):
+    runs = []
+    for alpha in (1.0, 64.0):
+        model = _peft(alpha=alpha)
+        _train(model, LoFT.from_peft_model(model, lr=1e-2, simple=simple, max_grad_norm=0.5), steps=20)
+        runs.append(_deltas(model))
+    assert len(runs[0]) == 2
+    for small, large in zip(*runs):
+        assert float(small.norm()) > 1e-3  # it did move
+        torch.testing.assert_close(small, large, rtol=1e-9, atol=1e-12)
+
+
+def test_pairs_come_from_modules_and_the_rest_gets_adamw():
+    model = _peft(bias="lora_only")  # makes the adapted layers' biases trainable
+    opt = LoFT.from_peft_model(model, lr=1e-2)
+    layers = [m for m in model.modules() if hasattr(m, "lora_A")]
+    assert [(id(A), id(B)) for A, B, _ in opt._pairs] == [
+        (id(m.lora_A["default"].weight), id(m.lora_B["default"].weight)) for m in layers]
+    biases = [m.base_layer.bias for m in layers]
+    assert [id(p) for p in opt.param_groups[1]["params"]] == [id(p) for p in biases]
+    twins = [torch.nn.Parameter(b.detach().clone()) for b in biases]
+    reference = torch.optim.AdamW(twins, lr=1e-2, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, 10, generator=gen, dtype=F64)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        for twin, b in zip(twins, biases):
+            twin.grad = b.grad.clone()
+        opt.step()
+        reference.step()
+    for twin, b in zip(twins, biases):
+        torch.testing.assert_close(b, twin)
+
+
+def test_dora_is_refused():
+    with pytest.raises(ValueError, match="DoRA"):
+        LoFT.from_peft_model(_peft(use_dora=True))
+
+
+@pytest.mark.parametrize("simple", [False, True])
+def test_state_dict_round_trip_continues_exactly(simple):
+    model = _peft()
+    opt = LoFT.from_peft_model(model, lr=1e-2, simple=simple, weight_decay=0.01, max_grad_norm=1.0)
+    _train(model, opt, steps=5)  # odd: the next step moves A and must transport B's moments
+    saved_model, saved_opt = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+    straight = _train(model, opt, steps=4, seed=7)
+
+    again = _peft(seed=123)  # different init, overwritten by the load
+    again.load_state_dict(saved_model)
+    opt2 = LoFT.from_peft_model(again, lr=1e-2, simple=simple, weight_decay=0.01, max_grad_norm=1.0)
+    opt2.load_state_dict(saved_opt)
+    resumed = _train(again, opt2, steps=4, seed=7)
+    assert resumed == straight
+    for a, b in zip(_deltas(model), _deltas(again)):
+        assert torch.equal(a, b)
+
+
+# ---- in the recipe ---------------------------------------------------------------------------------
+def test_check_refuses_what_cannot_work(tiny_cfg):
+    check = get_optimizer("loft").check
+    with pytest.raises(ConfigError, match="LoRA factors"):
+        check(tiny_cfg(optimizer="loft", method="full", clip=0))
+    with pytest.raises(ConfigError, match="clip=0"):
+        check(tiny_cfg(optimizer="loft"))
+    with pytest.raises(ConfigError, match="does not take"):
+        check(tiny_cfg(optimizer="loft", clip=0, **{"optimizer_args.betas2": 0.9}))
+    with pytest.raises(ConfigError, match="true or false"):
+        check(tiny_cfg(optimizer="loft", clip=0, **{"optimizer_args.simple": 3}))
+    check(tiny_cfg(optimizer="loft", clip=0, **{"optimizer_args.simple": True}))
+
+
+def test_recipe_learns_and_resumes_exactly(tiny_cfg, tmp_path):
+    common = dict(optimizer="loft", clip=0, steps=6, save_every=3, lr=3e-3, eval_every=0)
+    whole = train(tiny_cfg(out=str(tmp_path / "whole"), **common), say=lambda *_: None)
+    assert whole["eval_loss"] < whole["eval_loss_start"] - 0.05
+    resumed = train(tiny_cfg(out=str(tmp_path / "split"), resume=str(tmp_path / "whole/checkpoints/step-000003"),
+                             **common), say=lambda *_: None)
+    a = load_file(f"{whole['checkpoint']}/adapter/adapter_model.safetensors")
+    b = load_file(f"{resumed['checkpoint']}/adapter/adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert resumed["eval_loss"] == whole["eval_loss"]
