@@ -182,3 +182,19 @@ def test_bad_options_are_refused(tiny_cfg, overrides, message):
 def test_merge_is_refused_with_a_reason():
     with pytest.raises(ConfigError, match="cannot be merged"):
         get_method("ffba").merge(_tiny())
+
+
+def test_latency_bench_compares_equal_budgets():
+    from rankwise.bench.latency import build_variants, ffba_rank_for, measure
+
+    base = _tiny()
+    rank = ffba_rank_for(base, lora_rank=4)
+    models, budgets = build_variants(base, lora_rank=4, ffba_rank=rank, activation="identity")
+    assert budgets["lora unmerged"] == budgets["ffba fused"] == 2 * 64 * rank * 2 * 2  # exact for these shapes
+    ids = torch.randint(5, 300, (2, 8))
+    result = measure(models, {2: ids}, new_tokens=4, repeats=1)
+    assert result["ffba_fused_tokens_equal_unfused"]
+    assert all(t[2]["decode_s_per_token"] > 0 for t in result["timings"].values())
+    with torch.no_grad():  # merged and unmerged LoRA are the same function, so the comparison is fair
+        merged, unmerged = models["lora merged"](input_ids=ids).logits, models["lora unmerged"](input_ids=ids).logits
+    assert _relative(merged, unmerged) <= 1e-5

@@ -1,0 +1,312 @@
+"""`rankwise bench latency`: what an adapter costs at inference, at equal trainable-parameter budget.
+
+One run, the same prompts for every configuration, batch 1 and batch 8:
+    base | LoRA merged | LoRA unmerged | DoRA unmerged | FFBA unfused | FFBA fused
+prefill time (one forward over the prompt, filling the KV cache) and per-token decode time (greedy
+steps with the cache), each the median of --repeats timed runs after one warm-up; configurations are
+timed round-robin so that drift on a shared machine hits them all alike.
+
+`--quality` instead trains LoRA, DoRA and FFBA at the same budget with the recipe and reports
+held-out loss after --steps steps.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rankwise.bench import register
+
+SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples
+    "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16},
+    "default": {"prompt_tokens": 64, "new_tokens": 32, "lora_rank": 12, "steps": 40, "batch_size": 8,
+                "eval_examples": 64},
+}
+VARIANTS = ("base", "lora merged", "lora unmerged", "dora unmerged", "ffba unfused", "ffba fused")
+
+
+# ---- equal budgets ----------------------------------------------------------------------------------
+def lora_params_per_rank(model) -> int:
+    """PEFT 'all-linear' LoRA: r·(d_in + d_out) for every linear inside the decoder layers."""
+    return sum(m.in_features + m.out_features for m in model.get_decoder().layers.modules()
+               if isinstance(m, torch.nn.Linear))
+
+
+def ffba_params_per_rank(model, blocks: int = 2) -> int:
+    """FFBA: 2·d·r per adapted sub-block."""
+    return 2 * model.config.hidden_size * blocks * len(model.get_decoder().layers)
+
+
+def ffba_rank_for(model, lora_rank: int) -> int:
+    """The FFBA rank whose budget is closest to LoRA's at `lora_rank`."""
+    return max(1, round(lora_rank * lora_params_per_rank(model) / ffba_params_per_rank(model)))
+
+
+def n_trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+# ---- the six configurations ---------------------------------------------------------------------------
+def _nonzero_(params, seed: int) -> None:
+    """Give zero-initialised up-projections values, as training would (timing is value-blind, merging is not)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+
+
+def build_variants(base, lora_rank: int, ffba_rank: int, activation: str) -> tuple[dict, dict]:
+    """{name: model in eval mode} and {name: trainable parameters before merging/fusing}."""
+    from rankwise.config import Config
+    from rankwise.ffba import Settings, adapters, fuse, inject
+    from rankwise.methods import get_method
+
+    models, budgets = {"base": copy.deepcopy(base)}, {"base": 0}
+    for method in ("lora", "dora"):
+        cfg = Config(method=method, rank=lora_rank, alpha=2 * lora_rank)
+        peft_model = get_method(method).apply(copy.deepcopy(base), cfg)
+        budgets[f"{method} unmerged"] = n_trainable(peft_model)
+        _nonzero_([p for n, p in peft_model.named_parameters() if "lora_B" in n], seed=1)
+        models[f"{method} unmerged"] = peft_model
+        if method == "lora":
+            budgets["lora merged"] = budgets["lora unmerged"]
+            models["lora merged"] = copy.deepcopy(peft_model).merge_and_unload()
+    unfused = inject(copy.deepcopy(base), Settings(rank=ffba_rank, alpha=2 * ffba_rank, activation=activation))
+    budgets["ffba unfused"] = budgets["ffba fused"] = n_trainable(unfused)
+    _nonzero_([a.B for a in adapters(unfused).values()], seed=1)
+    models["ffba unfused"] = unfused
+    models["ffba fused"] = fuse(copy.deepcopy(unfused))
+    return {name: models[name].eval() for name in VARIANTS}, {name: budgets[name] for name in VARIANTS}
+
+
+# ---- timing -----------------------------------------------------------------------------------------
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_generation(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list]:
+    """(prefill seconds, decode seconds per token, generated ids) for one greedy run with a KV cache."""
+    from transformers import DynamicCache
+
+    device = ids.device
+    cache = DynamicCache(config=model.config)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    token = out.logits[:, -1].argmax(-1, keepdim=True)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    generated = [token]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        generated.append(token)
+    _sync(device)
+    decode = (time.perf_counter() - start) / max(1, new_tokens - 1)
+    return prefill, decode, torch.cat(generated, dim=1).tolist()
+
+
+def prompts(tok, n: int, length: int) -> torch.Tensor:
+    """`n` held-out prompts cut to exactly `length` tokens (no padding, so every variant sees the same work)."""
+    from rankwise.data import load_splits, prompt_ids
+
+    rows = []
+    for example in load_splits("stdlib-docstrings").test:
+        ids = prompt_ids(tok, example["messages"][:-1])
+        if len(ids) >= length:
+            rows.append(ids[:length])
+        if len(rows) == n:
+            return torch.tensor(rows)
+    raise ValueError(f"fewer than {n} held-out prompts have {length} tokens")
+
+
+def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, repeats: int) -> dict:
+    """{variant: {batch: {prefill_s, decode_s_per_token, ...}}}, medians over `repeats` round-robin runs."""
+    samples = {v: {b: {"prefill": [], "decode": []} for b in batches} for v in models}
+    tokens = {}
+    for run in range(repeats + 1):  # run 0 warms up caches and allocators and is discarded
+        for b, ids in batches.items():
+            for name, model in models.items():
+                prefill, decode, generated = time_generation(model, ids, new_tokens)
+                tokens[name, b] = generated
+                if run > 0:
+                    samples[name][b]["prefill"].append(prefill)
+                    samples[name][b]["decode"].append(decode)
+    results = {}
+    for name in models:
+        results[name] = {}
+        for b in batches:
+            s = samples[name][b]
+            results[name][b] = {"prefill_s": statistics.median(s["prefill"]),
+                                "decode_s_per_token": statistics.median(s["decode"]),
+                                "prefill_all": s["prefill"], "decode_all": s["decode"]}
+    same = all(tokens["ffba fused", b] == tokens["ffba unfused", b] for b in batches)
+    return {"timings": results, "ffba_fused_tokens_equal_unfused": same}
+
+
+# ---- quality at equal budget ---------------------------------------------------------------------------
+def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lr: float, activations: list[str],
+            workdir: Path, tiny: bool, batch_size: int, eval_examples: int) -> dict:
+    """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget."""
+    from rankwise.config import load_config
+    from rankwise.train.recipe import train
+
+    runs = [("lora", lora_rank, {}), ("dora", lora_rank, {})]
+    runs += [("ffba", ffba_rank, {"method_args.activation": a}) for a in activations]
+    common = {"model": model_name, "steps": steps, "lr": lr, "sample": False, "precision": "fp32",
+              "eval_every": 0, "count_flops": False, "seed": 0, "batch_size": batch_size,
+              "eval_examples": eval_examples}
+    if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
+        from rankwise.data.stdlib_docstrings import extract
+
+        data = workdir / "stdlib-500.jsonl"
+        data.write_text("".join(json.dumps(row) + "\n" for row in extract()[:500]))
+        common.update({"data": str(data), "max_length": 128, "warmup_steps": 2})
+    results = {}
+    for method, rank, extra in runs:
+        label = method if method != "ffba" else f"ffba ({extra['method_args.activation']})"
+        overrides = {**common, "method": method, "rank": rank, "alpha": 2 * rank, **extra,
+                     "out": str(workdir / label.replace(" ", "_").strip("()"))}
+        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+        lines = []
+        summary = train(cfg, say=lines.append)
+        trainable = next((l for l in lines if l.startswith("model:")), "")
+        results[label] = {"eval_loss_start": summary["eval_loss_start"], "eval_loss": summary["eval_loss"],
+                          "rank": rank, "train_seconds": summary["cum_seconds"], "model_line": trainable}
+        print(f"  {label:<18} rank {rank:>3}: held-out loss {summary['eval_loss_start']:.4f} -> "
+              f"{summary['eval_loss']:.4f} ({summary['cum_seconds']:.0f} s)")
+    return results
+
+
+# ---- the command --------------------------------------------------------------------------------------
+def _load(scale: str, workdir: Path):
+    from rankwise.models import load_model, load_tokenizer
+
+    if scale == "tiny":
+        from rankwise.tiny import make_tiny_model_dir
+
+        name = str(make_tiny_model_dir(workdir / "tiny-model"))
+    else:
+        name = "default"
+    return name, load_tokenizer(name), load_model(name)
+
+
+def _table(result: dict, batches: list[int]) -> str:
+    rows = [f"{'configuration':<15} {'budget':>10} " + " ".join(
+        f"{'prefill b' + str(b) + ' ms':>15} {'decode b' + str(b) + ' ms/tok':>19}" for b in batches)]
+    base = result["timings"]["base"]
+    for name, per_batch in result["timings"].items():
+        cells = []
+        for b in batches:
+            t = per_batch[b]
+            cells.append(f"{1e3 * t['prefill_s']:>9.2f} ({t['prefill_s'] / base[b]['prefill_s']:.2f}x) "
+                         f"{1e3 * t['decode_s_per_token']:>11.2f} ({t['decode_s_per_token'] / base[b]['decode_s_per_token']:.2f}x)")
+        rows.append(f"{name:<15} {result['budgets'][name]:>10,} " + " ".join(cells))
+    return "\n".join(rows)
+
+
+def targets(result: dict, batches: list[int]) -> dict:
+    """The issue's targets: fused FFBA decode ≤ 1.05× base and ≤ 0.85× unmerged LoRA, per batch size."""
+    t = result["timings"]
+    out = {}
+    for b in batches:
+        fused = t["ffba fused"][b]["decode_s_per_token"]
+        vs_base = fused / t["base"][b]["decode_s_per_token"]
+        vs_lora = fused / t["lora unmerged"][b]["decode_s_per_token"]
+        out[b] = {"fused_vs_base": vs_base, "fused_vs_lora_unmerged": vs_lora,
+                  "met_base": vs_base <= 1.05, "met_lora": vs_lora <= 0.85}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rankwise bench latency", description=__doc__.split("\n\n")[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="default",
+                   help="tiny: a tiny random Llama (< 2 min); default: the embedded SmolLM2-135M")
+    p.add_argument("--batches", default="1,8", help="batch sizes, comma separated")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per measurement (median reported)")
+    p.add_argument("--prompt-tokens", type=int, help="tokens per prompt (default by scale)")
+    p.add_argument("--new-tokens", type=int, help="greedy tokens decoded per run (default by scale)")
+    p.add_argument("--lora-rank", type=int, help="LoRA/DoRA rank; FFBA's rank is chosen for the same budget")
+    p.add_argument("--activation", default="identity", help="FFBA φ: identity | relu | silu")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="weights dtype; auto = fp32 on CPU, bf16 on CUDA")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (0: 1 at tiny scale, where threads only add overhead; else torch's default)")
+    p.add_argument("--quality", action="store_true", help="compare held-out loss at equal budget instead")
+    p.add_argument("--steps", type=int, help="training steps per method for --quality (default by scale)")
+    p.add_argument("--batch-size", type=int, help="sequences per step for --quality (default by scale)")
+    p.add_argument("--eval-examples", type=int, help="held-out examples for --quality (default by scale)")
+    p.add_argument("--lr", type=float, default=2e-3, help="learning rate for --quality (all methods)")
+    p.add_argument("--activations", default="identity,silu", help="FFBA φ values trained by --quality")
+    p.add_argument("--out", help="write the results as JSON here")
+    ns = p.parse_args(argv)
+    if ns.repeats < 5 and not ns.quality:
+        p.error("--repeats must be at least 5 (medians of fewer runs are too noisy to report)")
+    if ns.threads or ns.scale == "tiny":
+        torch.set_num_threads(ns.threads or 1)
+    scale = SCALES[ns.scale]
+    batches = [int(b) for b in ns.batches.split(",")]
+    lora_rank = ns.lora_rank or scale["lora_rank"]
+
+    from rankwise import runtime
+
+    device = runtime.pick_device(ns.device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="rankwise-latency-") as tmp:
+        name, tok, base = _load(ns.scale, Path(tmp))
+        print(f"loaded in {time.perf_counter() - started:.0f} s")
+        ffba_rank = ffba_rank_for(base, lora_rank)
+        record = {"bench": "latency", "scale": ns.scale, "model": name if ns.scale != "tiny" else "tiny random Llama",
+                  "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": str(device),
+                  "threads": torch.get_num_threads(), "lora_rank": lora_rank, "ffba_rank": ffba_rank,
+                  "activation": ns.activation}
+        print(f"model {record['model']} on {device} ({torch.get_num_threads()} threads) | LoRA/DoRA rank "
+              f"{lora_rank}, FFBA rank {ffba_rank}")
+        if ns.quality:
+            steps = ns.steps or scale["steps"]
+            acts = [a for a in ns.activations.split(",") if a]
+            print(f"quality: {steps} steps, lr {ns.lr}, alpha = 2·rank for every method")
+            record.update({"mode": "quality", "steps": steps, "lr": ns.lr, "batch_size": ns.batch_size or scale["batch_size"],
+                           "quality": quality(name, lora_rank, ffba_rank, steps, ns.lr, acts, Path(tmp),
+                                              ns.scale == "tiny", ns.batch_size or scale["batch_size"],
+                                              ns.eval_examples or scale["eval_examples"])})
+        else:
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
+                ns.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
+            models, budgets = build_variants(base, lora_rank, ffba_rank, ns.activation)
+            models = {k: m.to(device=device, dtype=dtype) for k, m in models.items()}
+            length = ns.prompt_tokens or scale["prompt_tokens"]
+            new_tokens = ns.new_tokens or scale["new_tokens"]
+            rows = prompts(tok, max(batches), length).to(device)
+            measured = measure(models, {b: rows[:b] for b in batches}, new_tokens, ns.repeats)
+            record.update({"mode": "latency", "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": length,
+                           "new_tokens": new_tokens, "repeats": ns.repeats, "budgets": budgets, **measured})
+            print(f"trainable-parameter budgets: " + ", ".join(f"{k} {v:,}" for k, v in budgets.items() if v))
+            print(f"prompts: {length} tokens, {new_tokens} new tokens, median of {ns.repeats} runs, {record['dtype']}")
+            print(_table(record, batches))
+            record["targets"] = targets(record, batches)
+            for b, t in record["targets"].items():
+                print(f"batch {b}: FFBA fused decode = {t['fused_vs_base']:.3f}x base (target <= 1.05: "
+                      f"{'met' if t['met_base'] else 'MISSED'}), {t['fused_vs_lora_unmerged']:.3f}x LoRA unmerged "
+                      f"(target <= 0.85: {'met' if t['met_lora'] else 'MISSED'})")
+            print(f"FFBA fused generates the same tokens as unfused: {record['ffba_fused_tokens_equal_unfused']}")
+    record["wall_seconds"] = time.perf_counter() - started
+    print(f"done in {record['wall_seconds']:.0f} s")
+    if ns.out:
+        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(ns.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        print(f"wrote {ns.out}")
+    return 0
+
+
+register("latency", main)
