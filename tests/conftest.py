@@ -21,7 +21,7 @@ def tiny_cfg(tiny_model_dir, tmp_path):
 
     def make(**overrides):
         base = {"model": str(tiny_model_dir), "steps": 6, "batch_size": 4, "eval_examples": 8, "eval_every": 3,
-                "max_length": 128, "lr": 3e-3, "rank": 4, "alpha": 8, "sample": False, "precision": "fp32",
+                "max_length": 256, "lr": 3e-3, "rank": 4, "alpha": 8, "sample": False, "precision": "fp32",
                 "out": str(tmp_path / "run"), "warmup_steps": 1}
         base.update(overrides)
         return load_config(None, [f"{k}={v}" for k, v in base.items()])

@@ -14,7 +14,7 @@ CHAT_TEMPLATE = (
 SPECIALS = ["<|pad|>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
-def tiny_tokenizer(vocab_size: int = 512):
+def tiny_tokenizer(vocab_size: int = 2048):
     """A byte-level BPE tokenizer with a ChatML template, trained on stdlib docstrings (about a second)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast

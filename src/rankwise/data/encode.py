@@ -1,4 +1,9 @@
-"""Tokenization with loss on assistant tokens only, and padding into batches."""
+"""Tokenization with loss on assistant tokens only, and padding into batches.
+
+A conversation is rendered to text once with the tokenizer's chat template; the character spans of
+assistant turns become labels through the fast tokenizer's offset mapping, so whole datasets are
+tokenized in one batched call.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,49 +12,55 @@ IGNORE = -100
 FALLBACK_ROLES = {"system": "### System\n", "user": "### Prompt\n", "assistant": "### Response\n"}
 
 
-def _render(tok, messages: list[dict], generation_prompt: bool) -> list[int]:
+def render(tok, messages: list[dict], generation_prompt: bool) -> str:
+    """The conversation as the model sees it (chat template, or a plain fallback format)."""
     if tok.chat_template:
-        out = tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=True)
-        ids = out["input_ids"] if hasattr(out, "keys") else out
-        return list(ids)
-    text = "".join(FALLBACK_ROLES.get(m["role"], f"### {m['role']}\n") + m["content"] + "\n\n" for m in messages)
+        return tok.apply_chat_template(messages, add_generation_prompt=generation_prompt, tokenize=False)
+    text = (tok.bos_token or "") + "".join(
+        FALLBACK_ROLES.get(m["role"], f"### {m['role']}\n") + m["content"] + "\n\n" for m in messages)
     if generation_prompt:
-        text += FALLBACK_ROLES["assistant"]
-    ids = tok(text, add_special_tokens=True)["input_ids"]
-    if not generation_prompt and tok.eos_token_id is not None:
-        ids = ids + [tok.eos_token_id]
-    return ids
+        return text + FALLBACK_ROLES["assistant"]
+    return text + (tok.eos_token or "")
+
+
+def assistant_spans(tok, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the [start, end) character spans of each assistant turn in it."""
+    full = render(tok, messages, generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] == "assistant":
+            start = len(render(tok, messages[:i], generation_prompt=True))
+            end = len(render(tok, messages[: i + 1], generation_prompt=False))
+            spans.append((start, end))
+    return full, spans
 
 
 def prompt_ids(tok, messages: list[dict]) -> list[int]:
     """Token ids of the conversation up to (and asking for) the final assistant turn."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return _render(tok, messages, generation_prompt=True)
-
-
-def encode(tok, example: dict) -> dict:
-    """input_ids and labels (IGNORE outside assistant turns) for one chat example."""
-    messages = example["messages"]
-    ids = _render(tok, messages, generation_prompt=False)
-    labels = [IGNORE] * len(ids)
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        start = len(_render(tok, messages[:i], generation_prompt=True))
-        end = len(_render(tok, messages[: i + 1], generation_prompt=False))
-        labels[start:end] = ids[start:end]
-    return {"input_ids": ids, "labels": labels}
+    return tok(render(tok, messages, generation_prompt=True), add_special_tokens=False)["input_ids"]
 
 
 def encode_all(tok, examples: list[dict], max_length: int) -> list[dict]:
-    """Encode every example; drop (never truncate) those longer than max_length tokens."""
+    """input_ids and labels (IGNORE outside assistant turns) per example, in one batched tokenizer call.
+
+    Examples longer than max_length tokens, or with nothing left to learn, are dropped (never truncated).
+    """
+    rendered = [assistant_spans(tok, ex["messages"]) for ex in examples]
+    enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
-    for ex in examples:
-        item = encode(tok, ex)
-        if len(item["input_ids"]) <= max_length and any(t != IGNORE for t in item["labels"][1:]):
-            out.append(item)
+    for (_, spans), ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"]):
+        labels = [tid if any(s <= a and b <= e and b > a for s, e in spans) else IGNORE
+                  for tid, (a, b) in zip(ids, offsets)]
+        if len(ids) <= max_length and any(t != IGNORE for t in labels[1:]):
+            out.append({"input_ids": list(ids), "labels": labels})
     return out
+
+
+def encode(tok, example: dict) -> dict:
+    """input_ids and labels for one example (no length limit)."""
+    return encode_all(tok, [example], max_length=1 << 30)[0]
 
 
 def collate(items: list[dict], pad_id: int, multiple: int = 8) -> dict[str, torch.Tensor]:

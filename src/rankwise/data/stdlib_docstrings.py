@@ -6,7 +6,11 @@ the source, so runs on two machines with the same Python version see the same ex
 from __future__ import annotations
 
 import ast
+import functools
+import hashlib
+import json
 import os
+import sys
 import sysconfig
 import textwrap
 from pathlib import Path
@@ -42,9 +46,40 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
+EXTRACTOR_VERSION = 1  # bump when the extraction rules change, to invalidate caches
+
+
 def extract(root: Path | None = None) -> list[dict]:
-    """All (prompt, response) pairs under `root`, in a deterministic order (sorted paths, source order)."""
+    """All (prompt, response) pairs under `root`, in a deterministic order (sorted paths, source order).
+
+    The result is cached on disk per Python version (parsing the whole stdlib takes seconds).
+    """
     root = root or stdlib_root()
+    cache = _cache_path(root)
+    if cache.is_file():
+        try:
+            return json.loads(cache.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    pairs = [dict(p) for p in _extract(root)]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(pairs))
+        tmp.replace(cache)
+    except OSError:  # a read-only home is fine: we just parse again next time
+        pass
+    return pairs
+
+
+def _cache_path(root: Path) -> Path:
+    key = hashlib.sha1(f"{root}|{sys.version}|{EXTRACTOR_VERSION}".encode()).hexdigest()[:16]
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "rankwise" / f"stdlib-docstrings-{key}.json"
+
+
+@functools.lru_cache(maxsize=2)
+def _extract(root: Path) -> tuple[dict, ...]:
     pairs: list[dict] = []
     seen: set[str] = set()
     for dirpath, dirnames, filenames in os.walk(root):
@@ -64,4 +99,4 @@ def extract(root: Path | None = None) -> list[dict]:
                 if pair and pair["prompt"] not in seen:  # identical functions appear in several modules
                     seen.add(pair["prompt"])
                     pairs.append(pair)
-    return pairs
+    return tuple(pairs)

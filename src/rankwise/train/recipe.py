@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers.utils import logging as hf_logging
 
 from rankwise import runtime
 from rankwise.config import Config, save_config
@@ -146,6 +147,7 @@ def build_run(cfg: Config, say=print) -> Run:
     say(f"data: {len(train_items)} train / {len(splits.tiny)} tiny / {len(splits.test)} test examples")
 
     base = load_model(cfg.model)
+    hf_logging.disable_progress_bar()  # from here on, our own bar is the one to watch
     method = get_method(cfg.method)
     if resume_from is not None:
         model = method.load(base, resume_from / ckpt.ADAPTER, trainable=True)

@@ -1,0 +1,90 @@
+"""Data sources, splits and response-only labels."""
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from rankwise.data import IGNORE, DataError, collate, encode, load_splits
+from rankwise.data.sources import split
+from rankwise.data.stdlib_docstrings import extract
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def test_builtin_dataset_is_deterministic_and_disjoint():
+    a, b = load_splits("stdlib-docstrings"), load_splits("stdlib-docstrings")
+    assert len(a.tiny) == 32 and len(a.test) == 256 and len(a.train) > 3000
+    assert a.train[:5] == b.train[:5] and a.test == b.test
+    prompts = lambda xs: {x["messages"][0]["content"] for x in xs}  # noqa: E731
+    assert not prompts(a.train) & prompts(a.test) and not prompts(a.tiny) & prompts(a.test)
+
+
+def test_docstring_is_removed_from_prompt():
+    for pair in extract()[:200]:
+        assert pair["response"] not in pair["prompt"]
+
+
+def test_labels_cover_only_the_response(tok):
+    ex = {"messages": [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hello there"}]}
+    item = encode(tok, ex)
+    learned = [t for t in item["labels"] if t != IGNORE]
+    assert tok.decode(learned).startswith("hello there")
+    assert "say hi" not in tok.decode(learned)
+    assert len(item["labels"]) == len(item["input_ids"])
+
+
+def test_multi_turn_learns_every_assistant_turn(tok):
+    ex = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "first"},
+                       {"role": "user", "content": "b"}, {"role": "assistant", "content": "second"}]}
+    text = tok.decode([t for t in encode(tok, ex)["labels"] if t != IGNORE])
+    assert "first" in text and "second" in text and "b" not in text.replace("<|im_end|>", "")
+
+
+def test_jsonl_prompt_response_and_messages(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(30)]
+    rows += [{"messages": [{"role": "user", "content": f"m{i}"}, {"role": "assistant", "content": "r"}]}
+             for i in range(30)]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    s = load_splits(str(path))
+    assert len(s.train) + len(s.tiny) + len(s.test) == 60
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "x", "response": ', "d.jsonl:3: malformed JSON"),
+    ('{"question": "x"}', "d.jsonl:3: expected keys"),
+    ('{"messages": [{"role": "user", "content": "x"}]}', "d.jsonl:3: 'messages' has no assistant turn"),
+    ('[1, 2]', "d.jsonl:3: expected a JSON object"),
+])
+def test_malformed_jsonl_names_the_line(tmp_path, line, message):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "p", "response": "r"})
+    path.write_text(f"{good}\n{good}\n{line}\n")
+    with pytest.raises(DataError, match=message):
+        load_splits(str(path))
+
+
+def test_hf_datasets_directory(tmp_path):
+    import datasets
+
+    train = datasets.Dataset.from_list([{"prompt": f"q{i}", "response": f"a{i}"} for i in range(40)])
+    test = datasets.Dataset.from_list([{"prompt": f"t{i}", "response": "x"} for i in range(5)])
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "ds")
+    s = load_splits(str(tmp_path / "ds"))
+    assert len(s.test) == 5 and len(s.tiny) + len(s.train) == 40
+
+
+def test_too_few_examples():
+    with pytest.raises(DataError, match="only 2 examples"):
+        split([{"messages": []}, {"messages": [1]}])
+
+
+def test_collate_pads_and_masks(tok):
+    items = [{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [IGNORE]}]
+    batch = collate(items, pad_id=0, multiple=4)
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
+    assert batch["labels"][1].tolist() == [IGNORE] * 4
