@@ -6,6 +6,7 @@ plain Adam inside the same GaLoreAdamW, exactly as the package's README sets it 
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -18,6 +19,7 @@ from rankwise.optim.lora_pre import check_full_rank_optimizer, lora_pre_groups
 GALORE_ARGS = {"rank", "update_proj_gap", "scale", "proj_type", "targets"}
 
 
+@functools.cache
 def galore_adamw_class():
     """galore_torch.GaLoreAdamW. The package's __init__ also imports its 8-bit variant, which needs
     bitsandbytes; without bitsandbytes we load the plain AdamW module of the same installed package."""
@@ -29,7 +31,7 @@ def galore_adamw_class():
         if spec is None:
             raise ConfigError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
         package = types.ModuleType("galore_torch")
-        package.__path__ = list(spec.submodule_search_locations)
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
         sys.modules["galore_torch"] = package
         return importlib.import_module("galore_torch.adamw").AdamW
 

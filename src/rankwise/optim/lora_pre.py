@@ -182,9 +182,9 @@ def lora_pre_groups(model: nn.Module, rank: int, targets=None) -> list[dict]:
     return [{"params": chosen, "rank": rank}, {"params": rest, "rank": 0}]
 
 
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes held in an optimizer's per-parameter state tensors (also tensors on state objects,
-    e.g. GaLore's projector matrix); transient buffers made during step() are not included."""
+def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
+    """Bytes held in an optimizer's per-parameter state tensors (also tensors on state objects, e.g.
+    GaLore's projector matrix), for all parameters or only `params`; transient step buffers not included."""
     seen, total = set(), 0
 
     def count(value, depth=0):
@@ -202,8 +202,10 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
         elif depth < 3 and hasattr(value, "__dict__"):
             count(vars(value), depth + 1)
 
-    for state in optimizer.state.values():
-        count(state)
+    chosen = None if params is None else {id(p) for p in params}
+    for p, state in optimizer.state.items():
+        if chosen is None or id(p) in chosen:
+            count(state)
     return total
 
 
