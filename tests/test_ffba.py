@@ -198,3 +198,15 @@ def test_latency_bench_compares_equal_budgets():
     with torch.no_grad():  # merged and unmerged LoRA are the same function, so the comparison is fair
         merged, unmerged = models["lora merged"](input_ids=ids).logits, models["lora unmerged"](input_ids=ids).logits
     assert _relative(merged, unmerged) <= 1e-5
+
+
+def test_fused_follows_the_configured_attention_function():
+    base = _tiny()
+    base.set_attn_implementation("eager")
+    unfused_model = _trained_like(copy.deepcopy(base), Settings(rank=4, alpha=8))
+    fused_model = fuse(copy.deepcopy(unfused_model))
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        out = fused_model(input_ids=ids, output_attentions=True)
+        assert _relative(out.logits, unfused_model(input_ids=ids).logits) <= 1e-5
+    assert fused_model.config._attn_implementation == "eager"
