@@ -206,3 +206,15 @@ def test_tiny_recipe_run_with_lorapre_decreases_loss(tiny_cfg):
                              **{"optimizer_args.rank": 2}), say=lambda *_: None)
     assert math.isfinite(summary["eval_loss"])
     assert summary["eval_loss"] < summary["eval_loss_start"]
+
+
+def test_rest_frozen_leaves_only_low_rank_state():
+    model = tiny_llama(64, hidden=32, layers=1, heads=4, kv_heads=2, intermediate=48)
+    opt = LoRAPreAdam.for_model(model, rank=2, rest="frozen", lr=1e-3)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert "model.embed_tokens.weight" in frozen and any("norm" in n for n in frozen)
+    assert all(p.requires_grad for p in opt.param_groups[0]["params"]) and not opt.param_groups[1]["params"]
+    x = torch.randint(0, 64, (2, 12))
+    model(input_ids=x, labels=x).loss.backward()
+    opt.step()
+    assert optimizer_state_bytes(opt) == 4 * sum(2 * 2 * sum(p.shape) for p in opt.param_groups[0]["params"])

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import register
+from rankwise.optim import optimizer_state_bytes
 from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
 SCALES = {
@@ -60,11 +61,10 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _child(cfg: PretrainConfig, conn) -> None:
+def _child(fn, args, conn) -> None:
     try:
-        torch.set_num_threads(cfg.threads or torch.get_num_threads())
         start = _rss_bytes()
-        summary = run(cfg, say=lambda *_: None)
+        summary = fn(*args)
         # a forked child's high-water mark starts at its RSS at fork: the growth is this run's peak
         summary["peak_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
         conn.send(summary)
@@ -74,19 +74,76 @@ def _child(cfg: PretrainConfig, conn) -> None:
         conn.close()
 
 
-def run_isolated(cfg: PretrainConfig) -> dict:
-    """Run one config in a forked child (so peak RSS is per run); falls back to in-process off Linux."""
+def isolated(fn, *args) -> dict:
+    """fn(*args) -> summary dict, run in a forked child so peak RSS is per run (in-process off Linux/CUDA)."""
     if not Path("/proc/self/statm").exists() or torch.cuda.is_available():
-        return run(cfg, say=lambda *_: None)
+        return fn(*args)
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(cfg, send))
+    child = ctx.Process(target=_child, args=(fn, args, send))
     child.start()
     summary = receive.recv()
     child.join()
     if "error" in summary:
-        raise RuntimeError(f"{cfg.optimizer} lr={cfg.lr}: {summary['error']}")
+        raise RuntimeError(summary["error"])
     return summary
+
+
+def _pretrain(cfg: PretrainConfig) -> dict:
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    return run(cfg, say=lambda *_: None)
+
+
+# ---- fine-tuning at equal optimizer-state memory: LoRA (AdamW on A, B) vs LoRA-Pre (full weights) ----
+# Both at rank R store 2 R (p + q) floats per adapted matrix; LoRA-Pre freezes everything else
+# (optimizer_args.rest=frozen) so neither keeps full-size state.
+FINETUNE = {
+    "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, lrs={"lora": [1e-3, 3e-3],
+                                                                                       "lorapre": [3e-4, 1e-3]}),
+    "default": dict(rank=8, steps=20, batch_size=4, max_length=192, eval_examples=32, lrs={"lora": [1e-3],
+                                                                                          "lorapre": [1e-4]}),
+}
+
+
+def _finetune(overrides: list[str], threads: int) -> dict:
+    from rankwise.config import load_config
+    from rankwise.train.recipe import build_run, train_step
+
+    cfg = load_config(None, overrides)
+    run_ = build_run(cfg, say=lambda *_: None)
+    torch.set_num_threads(threads)
+    start = run_.test_loss()
+    for _ in range(cfg.steps):
+        record = train_step(run_)
+    end = run_.test_loss()
+    run_.log_file.close()
+    return {"method": cfg.method, "optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
+            "eval_loss_start": start, "eval_loss": end, "train_loss_last": record["loss"],
+            "optimizer_state_bytes": optimizer_state_bytes(run_.optimizer),
+            "trainable_params": sum(p.numel() for p in run_.trainable()), "train_seconds": run_.cum_seconds}
+
+
+def finetune_rows(scale_name: str, workdir: Path, threads: int) -> list[dict]:
+    spec = FINETUNE[scale_name]
+    if scale_name == "tiny":
+        from rankwise.tiny import make_tiny_model_dir
+        model = str(make_tiny_model_dir(workdir / "tiny-model"))
+    else:
+        model = "default"
+    common = [f"model={model}", f"rank={spec['rank']}", f"alpha={2 * spec['rank']}", f"steps={spec['steps']}",
+              f"batch_size={spec['batch_size']}", f"max_length={spec['max_length']}",
+              f"eval_examples={spec['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
+              "precision=fp32", "overwrite=true", "warmup_steps=2"]
+    rows = []
+    for name, lrs in spec["lrs"].items():
+        for lr in lrs:
+            how = (["method=lora", "optimizer=adamw"] if name == "lora" else
+                   ["method=full", "optimizer=lorapre", "optimizer_args.rest=frozen", "betas=[0.9,0.95]"])
+            row = isolated(_finetune, common + how + [f"lr={lr}", f"out={workdir / f'ft-{name}-lr{lr:g}'}"], threads)
+            print(f"finetune {name:<8} rank {spec['rank']} lr {lr:<7g} eval loss {row['eval_loss_start']:.4f} -> "
+                  f"{row['eval_loss']:.4f}, optimizer state {row['optimizer_state_bytes'] / 2**20:.2f} MiB", flush=True)
+            rows.append(row)
+    return rows
 
 
 def best_per_optimizer(rows: list[dict]) -> dict[str, dict]:
@@ -131,7 +188,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1 is fastest on a busy box)")
     parser.add_argument("--workdir", default="runs/bench-optimizers")
     parser.add_argument("--out", help="write results as JSON here")
+    parser.add_argument("--finetune", action="store_true",
+                        help="instead: fine-tune (tiny model, or the embedded default) with LoRA vs LoRA-Pre "
+                             "at the same rank, i.e. the same optimizer-state bytes")
     args = parser.parse_args(argv)
+    if args.finetune:
+        return finetune_main(args)
     scale = SCALES[args.scale]
     names = [n for n in args.optimizers.split(",") if n]
     cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale)
@@ -140,7 +202,7 @@ def main(argv: list[str]) -> int:
     build_model(cfgs[0], 300)  # import the model code once too, so a child's RSS growth is its run alone
     rows = []
     for cfg in cfgs:
-        summary = run_isolated(cfg)
+        summary = isolated(_pretrain, cfg)
         rows.append(summary)
         print(f"{cfg.optimizer:<13} rank {cfg.rank:>3} lr {cfg.lr:<7g} val loss {summary['val_loss']:.4f} "
               f"({summary['train_seconds']:.0f} s)", flush=True)
@@ -159,6 +221,24 @@ def main(argv: list[str]) -> int:
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def finetune_main(args) -> int:
+    started = time.perf_counter()
+    rows = finetune_rows(args.scale, Path(args.workdir) / f"finetune-{args.scale}", args.threads)
+    print(f"\n{'method':<6} {'optimizer':<9} {'rank':>4} {'lr':>7} {'eval start':>10} {'eval end':>9} "
+          f"{'state MiB':>9} {'trainable':>11} {'peak MiB':>9}")
+    for r in rows:
+        print(f"{r['method']:<6} {r['optimizer']:<9} {r['rank']:>4} {r['lr']:>7.0e} {r['eval_loss_start']:>10.4f} "
+              f"{r['eval_loss']:>9.4f} {r['optimizer_state_bytes'] / 2**20:>9.2f} {r['trainable_params']:>11,} "
+              f"{r.get('peak_rss_growth_bytes', 0) / 2**20:>9.1f}")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"bench": "optimizers --finetune", "scale": args.scale, "runs": rows,
+                                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+                                                  timespec="seconds"),
+                                              "wall_seconds": time.perf_counter() - started}, indent=2))
     return 0
 
 

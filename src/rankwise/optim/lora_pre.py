@@ -117,9 +117,10 @@ class LoRAPreAdam(_LowRankOptimizer):
         super().__init__(params, defaults)
 
     @classmethod
-    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, **kwargs) -> "LoRAPreAdam":
+    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw",
+                  **kwargs) -> "LoRAPreAdam":
         """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
-        return cls(lora_pre_groups(model, rank, targets), **kwargs)
+        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -154,13 +155,16 @@ class LoRAPreAdam(_LowRankOptimizer):
         return loss
 
 
-def lora_pre_groups(model: nn.Module, rank: int, targets=None) -> list[dict]:
+def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adamw") -> list[dict]:
     """Split a model's trainable parameters into a low-rank group and a plain AdamW group.
 
     targets=None picks every nn.Linear weight inside the decoder blocks (attention and MLP projections),
     never the input embedding or the output head (tied or not). A list of name fragments (e.g.
-    ["q_proj", "v_proj"]) or the string "all-linear" overrides the choice.
+    ["q_proj", "v_proj"]) or the string "all-linear" overrides the choice. rest="frozen" instead sets
+    requires_grad=False on every other parameter (fine-tuning with no full-size optimizer state at all).
     """
+    if rest not in ("adamw", "frozen"):
+        raise ConfigError(f"rest must be 'adamw' or 'frozen', got {rest!r}")
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
     skip = set()
@@ -178,8 +182,12 @@ def lora_pre_groups(model: nn.Module, rank: int, targets=None) -> list[dict]:
     if not chosen:
         raise ConfigError(f"no Linear weight matched targets={targets!r} for low-rank optimizer state")
     picked = {id(w) for w in chosen}
-    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in picked]
-    return [{"params": chosen, "rank": rank}, {"params": rest, "rank": 0}]
+    others = [p for p in model.parameters() if p.requires_grad and id(p) not in picked]
+    if rest == "frozen":
+        for p in others:
+            p.requires_grad_(False)
+        others = []
+    return [{"params": chosen, "rank": rank}, {"params": others, "rank": 0}]
 
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
@@ -210,7 +218,7 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
 
 
 # ---- recipe registration: optimizer=lorapre -----------------------------------------------------
-ADAM_ARGS = {"rank", "delta", "scale", "targets", "eps", "init_std"}
+ADAM_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std"}
 
 
 def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
@@ -221,6 +229,8 @@ def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
     if unknown:
         raise ConfigError(f"optimizer {name!r} does not know optimizer_args {unknown}; "
                           f"known: {', '.join(sorted(allowed))}")
+    if cfg.optimizer_args.get("rest", "adamw") not in ("adamw", "frozen"):
+        raise ConfigError(f"optimizer_args.rest must be adamw or frozen, got {cfg.optimizer_args['rest']!r}")
     rank = cfg.optimizer_args.get("rank", cfg.rank)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ConfigError(f"optimizer {name!r} needs a positive integer rank, got {rank!r}")
@@ -229,8 +239,8 @@ def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
 
 def _build_adam(model, cfg: Config) -> LoRAPreAdam:
     args = dict(cfg.optimizer_args)
-    rank, targets = args.pop("rank", cfg.rank), args.pop("targets", None)
-    return LoRAPreAdam.for_model(model, rank=rank, targets=targets, lr=cfg.lr, betas=cfg.betas,
+    rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
+    return LoRAPreAdam.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay, **args)
 
 

@@ -51,8 +51,9 @@ class LoRAPreMuon(_LowRankOptimizer):
         super().__init__(params, defaults)
 
     @classmethod
-    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, **kwargs) -> "LoRAPreMuon":
-        return cls(lora_pre_groups(model, rank, targets), **kwargs)
+    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw",
+                  **kwargs) -> "LoRAPreMuon":
+        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,13 +84,13 @@ class LoRAPreMuon(_LowRankOptimizer):
         return loss
 
 
-MUON_ARGS = {"rank", "delta", "scale", "targets", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
+MUON_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
 
 
 def _build(model, cfg: Config) -> LoRAPreMuon:
     args = dict(cfg.optimizer_args)
-    rank, targets = args.pop("rank", cfg.rank), args.pop("targets", None)
-    return LoRAPreMuon.for_model(model, rank=rank, targets=targets, lr=cfg.lr, betas=cfg.betas,
+    rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
+    return LoRAPreMuon.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay, **args)
 
 
