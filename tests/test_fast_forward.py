@@ -298,3 +298,18 @@ def test_distributed_ranks_take_the_same_decisions(tmp_path):
     assert r0["local"] != r1["local"]  # each rank's own tiny loss differs ...
     assert r0["accepted"] == r1["accepted"] > 0  # ... yet they accept the same FF steps
     assert torch.equal(r0["A"], r1["A"]) and torch.equal(r0["B"], r1["B"])
+
+
+def test_interval_one_stages_after_every_step_once_a_direction_exists():
+    toy = Toy(goal=100.0, options={"interval": 1, "burn_in": 1, "cap": 2})
+    assert [s for s, _ in _run(toy, 6)] == [2, 3, 4, 5, 6]
+
+
+def test_warm_start_saves_evaluations_and_recovers_from_overshoot():
+    def f(s):
+        return (s - 20.0) ** 2
+
+    cold, warm = line_search(f, "doubling", cap=64), line_search(f, "doubling", cap=64, start=16)
+    assert warm.evals < cold.evals and abs(warm.kept_s - 20) <= 0.5
+    bad = line_search(lambda s: (s - 1.5) ** 2, "doubling", cap=64, start=32)  # the previous answer overshoots
+    assert bad.kept_s == pytest.approx(1.5) and bad.evals <= 5

@@ -40,6 +40,7 @@ class FFOptions:
     search: str = "doubling"  # doubling (bracket + refine) | linear (k=1,2,3.. + revert) | reference (paper)
     refine: str = "parabolic"  # parabolic | golden | none: how a doubling bracket is narrowed
     refine_evals: int = 1  # tiny-set evaluations spent narrowing the bracket
+    warm_start: bool = True  # doubling starts near the previous stage's answer (fewer evaluations)
     backoff: float = 2.0  # interval multiplier after a stage that accepts nothing (1 = never back off)
     max_interval: int = 96  # the interval never stretches beyond this
     tiny_examples: int = 32  # tiny-set examples per evaluation (used by the recipe and the callback)
@@ -74,6 +75,8 @@ def check_options(values: dict) -> None:
     for key in ("burn_in", "refine_evals"):
         if key in v:
             need(integer(v[key]) and v[key] >= 0, f"ff.{key} must be an integer >= 0, got {v[key]!r}")
+    if "warm_start" in v:
+        need(isinstance(v["warm_start"], bool), f"ff.warm_start must be true or false, got {v['warm_start']!r}")
     if "cap" in v:
         need(number(v["cap"]) and v["cap"] >= 1, f"ff.cap must be a number >= 1, got {v['cap']!r}")
     if "backoff" in v:
@@ -129,6 +132,7 @@ class FastForward:
         self.snapshot_step = 0
         self.stages = self.empty_stages = self.evals = 0
         self.ff_steps = 0.0  # sum of accepted s over all stages
+        self.last_accepted = 0.0  # the previous stage's answer, where a warm-started search begins
 
     # ---- the loop calls this ----------------------------------------------------------------------
     @torch.no_grad()
@@ -141,10 +145,8 @@ class FastForward:
                 self._take_snapshot()
                 return None
             record = self._stage()
-            if o.direction == "interval":
+            if o.direction == "interval" or self.next_stage == self.step + 1:
                 self._take_snapshot()  # the next direction starts where this stage ended
-            else:
-                self.snapshot = None
             return record
         if o.direction == "step" and self.step == self.next_stage - 1:
             self._take_snapshot()  # W_{t-1}, for d = W_t - W_{t-1}
@@ -175,12 +177,14 @@ class FastForward:
             move_to(s)
             return _all_reduce_mean(self.tiny_loss())
 
-        result = line_search(loss_at, o.search, o.cap, o.refine, o.refine_evals)
+        start = 2.0 ** math.floor(math.log2(self.last_accepted)) if o.warm_start and self.last_accepted >= 1 else 1.0
+        result = line_search(loss_at, o.search, o.cap, o.refine, o.refine_evals, start)
         move_to(result.kept_s)  # the best point (the reference search keeps its last one)
         accepted = result.kept_s
         self.stages += 1
         self.evals += result.evals
         self.ff_steps += accepted
+        self.last_accepted = accepted
         empty = accepted == 0
         if empty:
             self.empty_stages += 1
@@ -199,11 +203,12 @@ class FastForward:
         return {"step": self.step, "interval": self.interval, "next_stage": self.next_stage,
                 "snapshot": None if self.snapshot is None else [t.detach().cpu().clone() for t in self.snapshot],
                 "snapshot_step": self.snapshot_step, "stages": self.stages, "empty_stages": self.empty_stages,
-                "evals": self.evals, "ff_steps": self.ff_steps, "options": asdict(self.options)}
+                "evals": self.evals, "ff_steps": self.ff_steps, "last_accepted": self.last_accepted,
+                "options": asdict(self.options)}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("step", "interval", "next_stage", "snapshot_step", "stages", "empty_stages", "evals",
-                    "ff_steps"):
+                    "ff_steps", "last_accepted"):
             setattr(self, key, state[key])
         snap = state["snapshot"]
         self.snapshot = None if snap is None else [

@@ -45,8 +45,12 @@ class _Counted:
 
 
 def line_search(f: Callable[[float], float], search: str = "doubling", cap: float = 32.0,
-                refine: str = "parabolic", refine_evals: int = 1) -> SearchResult:
-    """Search s in [0, cap] for low f(s); see the module docstring for each strategy."""
+                refine: str = "parabolic", refine_evals: int = 1, start: float = 1.0) -> SearchResult:
+    """Search s in [0, cap] for low f(s); see the module docstring for each strategy.
+
+    `start` (doubling only): the first s tried; if f(start) is no better than f(0) the search steps
+    down (s / 4) towards 1 instead. A stage warm-started near the previous stage's answer saves the doublings.
+    """
     if search not in SEARCHES:
         raise ValueError(f"unknown search {search!r}; choose one of {', '.join(SEARCHES)}")
     fc = _Counted(f)
@@ -56,7 +60,7 @@ def line_search(f: Callable[[float], float], search: str = "doubling", cap: floa
     if search == "linear":
         _linear(fc, f0, cap)
     else:
-        _doubling(fc, f0, cap, refine, refine_evals)
+        _doubling(fc, f0, cap, refine, refine_evals, min(max(1.0, start), cap))
     s, v = fc.best()
     return SearchResult(s, f0, v, len(fc.points), fc.points)
 
@@ -80,20 +84,30 @@ def _linear(fc: _Counted, f0: float, cap: float) -> None:
         previous, k = value, k + 1
 
 
-def _doubling(fc: _Counted, f0: float, cap: float, refine: str, refine_evals: int) -> None:
-    a, b, fb = 0.0, 0.0, f0  # b: best so far; a: the point before it
-    s = 1.0
-    while True:
+def _doubling(fc: _Counted, f0: float, cap: float, refine: str, refine_evals: int, start: float) -> None:
+    a, fa, c, fcv = 0.0, f0, None, None  # a < b < c: the bracket around the best point b
+    s = start
+    while s > 1.0:  # a warm start that overshoots quarters down until some s beats f(0)
+        fs = fc(s)
+        if fs < f0:
+            break
+        c, fcv, s = s, fs, max(1.0, s / 4.0)
+    else:
+        fs = fc(s)
+    if fs >= f0:
+        return  # nothing along d beats W_t: the stage accepts nothing
+    b, fb = s, fs
+    while c is None:  # double until f rises: f(a) > f(b) <= f(c)
+        if b >= cap:
+            return  # still falling at the cap: stop there
+        s = min(2.0 * b, cap)
         fs = fc(s)
         if fs >= fb:
-            c, fcv = s, fs  # f(a) > f(b) <= f(c): the minimum lies in (a, c)
-            break
-        a, fa, b, fb = b, fb, s, fs
-        if s >= cap:
-            return  # still falling at the cap: stop there
-        s = min(2.0 * s, cap)
-    if b == 0.0 or refine == "none":
-        return  # f(1) >= f(0): nothing to refine, the stage accepts nothing
+            c, fcv = s, fs
+        else:
+            a, fa, b, fb = b, fb, s, fs
+    if refine == "none":
+        return
     for _ in range(refine_evals):
         x = _parabola_vertex(a, fa, b, fb, c, fcv) if refine == "parabolic" else None
         if x is None or not (a < x < c) or abs(x - b) < 1e-3 * (c - a):

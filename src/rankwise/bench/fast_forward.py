@@ -1,0 +1,283 @@
+"""`rankwise bench fast-forward`: does Fast Forward cut the cost of reaching the baseline's loss?
+
+From one initialisation (same seed, same data order) it trains, with the recipe:
+    paper:   small constant LR, gradient accumulation (effective batch large next to the tiny set):
+             baseline | FF (ours: doubling search, back-off) | FF reference (linear search, the paper's code)
+    tuned:   an LR sweep of the baseline with the same cosine schedule and budget; FF at the best LR
+    control: full fine-tuning (no adapter), constant LR: baseline | FF — the paper's negative control
+Cost = measured FLOPs (torch FlopCounterMode) and wall seconds of train steps plus all FF work, up to
+the first held-out evaluation at or below the baseline's best held-out loss (held-out evaluation is not
+counted). Savings = 1 - cost_FF / cost_baseline. Writes a JSON (--out) and a PNG (--plot) of held-out
+loss against cumulative FLOPs, FF stages marked.
+
+Usage: rankwise bench fast-forward [--scale tiny|default] [--out R.json] [--plot R.png] [key=value ...]
+key=value pairs are config overrides for every run (model=, data=, steps=, batch_size=, ...).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from rankwise.bench import register
+
+SCALES = {
+    # base: config for every run; paper / tuned / control: what each regime changes
+    "tiny": {  # a 2-layer random Llama (rankwise.tiny); one thread: two oversubscribe a shared CPU badly
+        "base": {"steps": 16, "batch_size": 8, "max_length": 128, "eval_every": 2, "eval_examples": 32,
+                 "rank": 8, "alpha": 16, "warmup_steps": 0, "precision": "fp32", "threads": 1},
+        "paper": {"lr": 5e-4, "grad_accum": 2, "schedule": "constant"},
+        "tuned": {"lrs": [3e-3, 1e-2, 3e-2], "schedule": "cosine", "warmup_steps": 2},
+        "control": {"method": "full", "lr": 1e-4, "schedule": "constant", "steps": 12},
+        "ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "cap": 64},
+        # the paper's search on the same tiny set, capped to keep the smoke test short
+        "reference_ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "search": "reference",
+                         "backoff": 1.0, "cap": 64},
+    },
+    "default": {  # the embedded SmolLM2-135M-Instruct; about 40 minutes on a 2-core CPU
+        "base": {"steps": 24, "batch_size": 8, "max_length": 256, "eval_every": 4, "eval_examples": 48,
+                 "rank": 16, "alpha": 32, "warmup_steps": 0, "precision": "bf16"},
+        "paper": {"lr": 1e-4, "grad_accum": 4, "schedule": "constant"},
+        "tuned": {"lrs": [2e-4, 5e-4, 1e-3], "schedule": "cosine", "warmup_steps": 2, "grad_accum": 2},
+        "control": {"method": "full", "lr": 1e-5, "schedule": "constant", "steps": 12, "grad_accum": 2},
+        "ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "cap": 64},
+        "reference_ff": {"interval": 6, "burn_in": 6, "tiny_examples": 32, "search": "reference",
+                         "backoff": 1.0, "cap": 1000},
+    },
+}
+
+
+# ---- one run -----------------------------------------------------------------------------------------
+def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
+    from rankwise.config import load_config
+    from rankwise.train.metrics import read_metrics
+    from rankwise.train.recipe import train
+
+    pairs = dict(overrides, out=str(out), overwrite=True, sample=False)
+    if ff is not None:
+        pairs["fast_forward"] = True
+        pairs.update({f"ff.{k}": v for k, v in ff.items()})
+    cfg = load_config(None, [f"{k}={_text(v)}" for k, v in pairs.items()])
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        summary = train(cfg, say=lambda *_: None)  # quiet: no progress bars or load messages
+    if "stopped" in summary:
+        raise KeyboardInterrupt(f"run {out.name} stopped by {summary['stopped']}")
+    records = read_metrics(out / "metrics.jsonl")
+    evals = [r for r in records if r["kind"] == "eval"]
+    stages = [r for r in records if r["kind"] == "ff"]
+    steps = [r for r in records if r["kind"] == "train"]
+    ff_flops = sum(r["flops"] for r in stages)
+    ff_seconds = sum(r["seconds"] for r in stages)
+    result = {
+        "lr": cfg.lr, "method": cfg.method, "schedule": cfg.schedule, "grad_accum": cfg.grad_accum,
+        "fast_forward": ff, "final_eval": summary["eval_loss"], "best_eval": min(r["eval_loss"] for r in evals),
+        "cum_flops": summary["cum_flops"], "cum_seconds": summary["cum_seconds"],
+        "curve": [[r["step"], r["cum_flops"], r["cum_seconds"], r["eval_loss"]] for r in evals],
+        "stages": [{k: r[k] for k in ("step", "cum_flops", "accepted", "loss_before", "loss_after", "evals")}
+                   for r in stages],
+        "ff_evals": sum(r["evals"] for r in stages), "ff_steps_accepted": sum(r["accepted"] for r in stages),
+        "ff_flops_share": ff_flops / max(summary["cum_flops"], 1.0),
+        "ff_seconds_share": ff_seconds / max(summary["cum_seconds"], 1e-9),
+        "train_step_flops": sum(r["flops"] for r in steps) / max(1, len(steps)),
+        "train_step_seconds": sum(r["seconds"] for r in steps) / max(1, len(steps)),
+        "eval_flops": ff_flops / max(1, sum(r["evals"] for r in stages)) if stages else None,
+        "wall_seconds": time.perf_counter() - start,
+    }
+    say(f"  {_label(result):<34} final {result['final_eval']:.4f} best {result['best_eval']:.4f} | "
+        f"{result['cum_flops'] / 1e12:.3f} TFLOPs {result['cum_seconds']:.1f} s"
+        + (f" | {len(stages)} stages, {result['ff_steps_accepted']:.1f} FF steps, {result['ff_evals']} evals"
+           if stages else ""))
+    return result
+
+
+def _text(v) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) else str(v)
+
+
+def _label(r: dict) -> str:
+    ff = r["fast_forward"]
+    kind = "baseline" if ff is None else "FF reference" if ff.get("search") == "reference" else "FF"
+    return f"{r['method']} {kind} lr={r['lr']:g}"
+
+
+def cost_to_reach(run: dict, target: float) -> dict | None:
+    """Cost (FLOPs, seconds, optimizer steps) at the first held-out evaluation <= target; None if never."""
+    for step, flops, seconds, loss in run["curve"]:
+        if loss <= target + 1e-12:
+            return {"step": step, "flops": flops, "seconds": seconds}
+    return None
+
+
+def compare(baseline: dict, ff: dict) -> dict:
+    target = baseline["best_eval"]
+    base, fast = cost_to_reach(baseline, target), cost_to_reach(ff, target)
+    out = {"target": target, "baseline_cost": base, "ff_cost": fast, "reached": fast is not None}
+    if fast is not None and base["flops"] > 0:
+        out["flops_saved"] = 1 - fast["flops"] / base["flops"]
+        out["seconds_saved"] = 1 - fast["seconds"] / base["seconds"]
+        out["steps_saved"] = 1 - fast["step"] / max(1, base["step"])
+    return out
+
+
+# ---- the three regimes -------------------------------------------------------------------------------
+def run_all(scale: dict, user: dict, work: Path, say=print) -> dict:
+    base = {**scale["base"], **user}
+    results = {}
+
+    def runs(name, overrides, ff=None):
+        merged = {**base, **{k: v for k, v in overrides.items() if k not in user or k in ("lr", "method")}}
+        return _train(merged, ff, work / name, say)
+
+    say("paper regime: small constant LR, large effective batch")
+    p = scale["paper"]
+    paper = {"baseline": runs("paper-base", p), "ff": runs("paper-ff", p, scale["ff"]),
+             "ff_reference": runs("paper-ref", p, scale["reference_ff"])}
+    paper["ff_vs_baseline"] = compare(paper["baseline"], paper["ff"])
+    paper["reference_vs_baseline"] = compare(paper["baseline"], paper["ff_reference"])
+    results["paper"] = paper
+
+    say("tuned regime: baseline LR swept with the same schedule and budget")
+    t = {k: v for k, v in scale["tuned"].items() if k != "lrs"}
+    sweep = [runs(f"tuned-base-{lr:g}", {**t, "lr": lr}) for lr in scale["tuned"]["lrs"]]
+    best = min(sweep, key=lambda r: r["best_eval"])
+    tuned = {"sweep": sweep, "baseline": best, "ff": runs("tuned-ff", {**t, "lr": best["lr"]}, scale["ff"])}
+    tuned["ff_vs_baseline"] = compare(best, tuned["ff"])
+    results["tuned"] = tuned
+
+    say("negative control: Fast Forward on full fine-tuning")
+    c = scale["control"]
+    control = {"baseline": runs("control-base", c), "ff": runs("control-ff", c, scale["ff"])}
+    control["ff_vs_baseline"] = compare(control["baseline"], control["ff"])
+    results["control"] = control
+    return results
+
+
+# ---- report ------------------------------------------------------------------------------------------
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:+.0f}%"
+
+
+def table(results: dict) -> str:
+    rows = ["| regime | run | final loss | best loss | steps to target | FLOPs to target | s to target | "
+            "FLOPs saved | time saved | FF evals | FF share of FLOPs |", "|" + "---|" * 11]
+    for regime, res in results.items():
+        pairs = [("baseline", res["baseline"], None), ("ff", res["ff"], res["ff_vs_baseline"])]
+        if "ff_reference" in res:
+            pairs.append(("ff_reference", res["ff_reference"], res["reference_vs_baseline"]))
+        target = res["ff_vs_baseline"]["target"]
+        for _, run, cmp in pairs:
+            cost = cost_to_reach(run, target)
+            reach = ("missed", "missed", "missed") if cost is None else (
+                str(cost["step"]), f"{cost['flops'] / 1e12:.4f} T", f"{cost['seconds']:.1f}")
+            saved_f = None if cmp is None else cmp.get("flops_saved")
+            saved_s = None if cmp is None else cmp.get("seconds_saved")
+            rows.append(f"| {regime} | {_label(run)} | {run['final_eval']:.4f} | {run['best_eval']:.4f} | "
+                        f"{reach[0]} | {reach[1]} | {reach[2]} | {_pct(saved_f) if cmp else ''} | "
+                        f"{_pct(saved_s) if cmp else ''} | {run['ff_evals'] if run['fast_forward'] else ''} | "
+                        f"{100 * run['ff_flops_share']:.0f}% |" if run["fast_forward"] else
+                        f"| {regime} | {_label(run)} | {run['final_eval']:.4f} | {run['best_eval']:.4f} | "
+                        f"{reach[0]} | {reach[1]} | {reach[2]} | | | | |")
+    if "tuned" in results:
+        sweep = ", ".join(f"lr {r['lr']:g}: best {r['best_eval']:.4f}" for r in results["tuned"]["sweep"])
+        rows.append(f"\ntuned sweep (cosine): {sweep}")
+    return "\n".join(rows)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2))
+    for ax, (regime, res) in zip(np.atleast_1d(axes), results.items()):
+        runs = [("baseline", res["baseline"], "C0"), ("FF", res["ff"], "C1")]
+        if "ff_reference" in res:
+            runs.append(("FF reference", res["ff_reference"], "C2"))
+        for name, run, color in runs:
+            x = [c[1] / 1e12 for c in run["curve"]]
+            y = [c[3] for c in run["curve"]]
+            ax.plot(x, y, "o-", color=color, ms=3, label=f"{name} (lr {run['lr']:g})")
+            for s in run["stages"]:
+                hit = s["accepted"] > 0
+                ax.plot(s["cum_flops"] / 1e12, np.interp(s["cum_flops"] / 1e12, x, y), "^" if hit else "x",
+                        color=color, ms=7 if hit else 5, alpha=0.9 if hit else 0.5)
+        ax.axhline(res["ff_vs_baseline"]["target"], color="grey", ls=":", lw=1, label="baseline's best")
+        ax.set_title(f"{regime} ({res['baseline']['method']}, {res['baseline']['schedule']} LR)")
+        ax.set_xlabel("cumulative TFLOPs (train steps + FF work, measured)")
+        ax.set_ylabel("held-out loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="^ FF stage accepted, x empty", title_fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _builtin_as_jsonl(work: Path) -> str:
+    """The built-in dataset written once as JSONL: the same examples, so the same split, loaded in ms."""
+    from rankwise.config import BUILTIN_DATA
+    from rankwise.data import load_splits
+
+    splits = load_splits(BUILTIN_DATA)
+    path = work / "stdlib-docstrings.jsonl"
+    with path.open("w") as f:
+        for ex in splits.train + splits.tiny + splits.test:
+            f.write(json.dumps(ex) + "\n")
+    return str(path)
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="rankwise bench fast-forward", description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="default")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--plot", help="write the held-out loss vs FLOPs plot here (PNG)")
+    parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    from rankwise.config import ConfigError, _parse_scalar
+
+    user = {}
+    for item in args.overrides:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        user[key.strip()] = _parse_scalar(text)
+    scale = SCALES[args.scale]
+    started = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        work.mkdir(parents=True, exist_ok=True)
+        if args.scale == "tiny" and "model" not in user:
+            from rankwise.tiny import make_tiny_model_dir
+
+            user["model"] = str(make_tiny_model_dir(work / "tiny-model"))
+        if user.get("data", "stdlib-docstrings") == "stdlib-docstrings":
+            user["data"] = _builtin_as_jsonl(work)
+        import torch
+
+        print(f"fast-forward bench, scale {args.scale}, model {user.get('model', 'default')}, "
+              f"{torch.get_num_threads()} threads")
+        results = run_all(scale, user, work)
+    report = table(results)
+    print(report)
+    elapsed = time.perf_counter() - started
+    print(f"total wall time {elapsed:.0f} s")
+    payload = {"scale": args.scale, "overrides": {k: v for k, v in user.items() if k != "data"},
+               "settings": scale, "results": results, "elapsed_seconds": elapsed,
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    if args.out:
+        Path(args.out).write_text(json.dumps(payload, indent=1))
+    if args.plot:
+        plot(results, Path(args.plot))
+    return 0
+
+
+register("fast-forward", main)
