@@ -1,0 +1,146 @@
+"""`rankwise bench throughput`: rankwise's loop vs transformers Trainer + PEFT, same LoRA, same batches.
+
+Both sides train the same PEFT LoRA configuration from the same initial weights on the identical
+sequence of pre-collated batches (same padding, same order), with the same optimizer, schedule,
+clipping and precision. Repeats alternate between the two so machine noise hits both alike; the
+reported figure is the median over repeats of tokens/s (non-pad tokens), first steps excluded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from rankwise.bench import register
+from rankwise.config import load_config
+
+WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
+
+
+def _rankwise_run(cfg, batches) -> list[float]:
+    """Seconds per step for rankwise's own loop on `batches` (uses the recipe's train_step)."""
+    from rankwise.train.recipe import build_run, train_step
+
+    run = build_run(cfg, say=lambda *_: None)
+    feed = iter(batches)
+    run.batch = lambda indices: next(feed)  # same tensors as the Trainer side, in the same order
+    times = []
+    for _ in range(len(batches)):
+        times.append(train_step(run)["seconds"])
+    run.log_file.close()
+    return times
+
+
+def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
+    """Seconds per step for transformers.Trainer on the same PEFT model and batches."""
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from rankwise.methods import get_method
+    from rankwise.models import load_model
+
+    torch.manual_seed(cfg.seed)
+    model = get_peft_model(load_model(cfg.model), get_method("lora").lora_config(cfg))
+    times: list[float] = []
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            times.append(time.perf_counter() - self.start)
+
+    class Presorted(torch.utils.data.Dataset):  # one item = one whole pre-collated batch
+        def __len__(self):
+            return len(batches)
+
+        def __getitem__(self, i):
+            return batches[i]
+
+    args = TrainingArguments(
+        output_dir=str(workdir), per_device_train_batch_size=1, max_steps=len(batches), learning_rate=cfg.lr,
+        lr_scheduler_type="cosine" if cfg.schedule == "cosine" else "constant_with_warmup",
+        warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
+        adam_beta2=cfg.betas[1], max_grad_norm=cfg.clip, bf16=cfg.precision == "bf16", use_cpu=True,
+        save_strategy="no", report_to=[], logging_steps=10_000, dataloader_num_workers=0,
+        remove_unused_columns=False, disable_tqdm=True, seed=cfg.seed, optim="adamw_torch")
+    trainer = Trainer(model=model, args=args, train_dataset=Presorted(), data_collator=lambda items: items[0],
+                      callbacks=[StepTimer()])
+    trainer.train()
+    return times
+
+
+def _batches(cfg, n: int) -> list[dict]:
+    from rankwise.data import collate, encode_all, load_splits
+    from rankwise.models import load_tokenizer
+    from rankwise.train.stream import ExampleStream
+
+    tok = load_tokenizer(cfg.model)
+    items = encode_all(tok, load_splits(cfg.data).train, cfg.max_length)
+    stream = ExampleStream(len(items), cfg.seed)
+    return [collate([items[i] for i in stream.take(cfg.batch_size)], tok.pad_token_id) for _ in range(n)]
+
+
+def _tokens_per_second(batches, times) -> float:
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches[WARMUP_STEPS:])
+    return tokens / sum(times[WARMUP_STEPS:])
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rankwise bench throughput", description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=["tiny", "default"], default="default",
+                   help="tiny: a random tiny Llama (seconds); default: the embedded SmolLM2-135M")
+    p.add_argument("--steps", type=int, help="optimizer steps per repeat (timed: steps - 2)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("overrides", nargs="*", help="train config overrides, e.g. batch_size=8 rank=8")
+    ns = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = ["sample=false", "eval_every=0"]
+        if ns.scale == "tiny":
+            from rankwise.tiny import make_tiny_model_dir
+
+            base += [f"model={make_tiny_model_dir(tmp / 'tiny')}", "batch_size=8", "precision=fp32"]
+        steps = ns.steps or (30 if ns.scale == "tiny" else 8)
+        results = {"rankwise": [], "trainer": []}
+        for r in range(ns.repeats):
+            cfg = load_config(None, base + list(ns.overrides) + [f"steps={steps}", f"out={tmp / f'run{r}'}"])
+            batches = _batches(cfg, steps)
+            order = ("rankwise", "trainer") if r % 2 == 0 else ("trainer", "rankwise")
+            for side in order:
+                times = (_rankwise_run(cfg, batches) if side == "rankwise"
+                         else _trainer_run(cfg, batches, tmp / f"trainer{r}"))
+                results[side].append(_tokens_per_second(batches, times))
+                print(f"repeat {r + 1}/{ns.repeats} {side:8s}: {results[side][-1]:8.1f} tokens/s", flush=True)
+
+    ours, theirs = statistics.median(results["rankwise"]), statistics.median(results["trainer"])
+    report = {"benchmark": "throughput", "date": date.today().isoformat(), "machine": _machine(),
+              "scale": ns.scale, "steps_per_repeat": steps, "timed_steps": steps - WARMUP_STEPS,
+              "overrides": ns.overrides, "config": {k: v for k, v in cfg.to_dict().items()
+                                                      if k in ("model", "method", "rank", "alpha", "batch_size",
+                                                               "precision", "max_length", "target_modules")},
+              "tokens_per_s": results, "median": {"rankwise": ours, "trainer": theirs}, "ratio": ours / theirs}
+    print(f"\n| runner | median tokens/s | repeats |\n|---|---|---|\n"
+          f"| rankwise | {ours:.1f} | {', '.join(f'{x:.0f}' for x in results['rankwise'])} |\n"
+          f"| Trainer + PEFT | {theirs:.1f} | {', '.join(f'{x:.0f}' for x in results['trainer'])} |\n"
+          f"\nratio rankwise / Trainer = {ours / theirs:.3f}")
+    if ns.out:
+        Path(ns.out).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _machine() -> str:
+    cores = torch.get_num_threads()
+    return f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, {cores} threads".strip()
+
+
+register("throughput", main)
