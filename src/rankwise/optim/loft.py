@@ -114,7 +114,7 @@ class LoFT(torch.optim.Optimizer):
                 loss = closure()
         lora = self.param_groups[0]
         work = []  # per pair: both sides with their scaled gradients, before anything moves
-        norm_sq = torch.zeros((), dtype=torch.float64)
+        norms_sq = []  # squared norms, kept on the device: one host sync per step
         for A, B, scale in self._pairs:
             if A.grad is None or B.grad is None:
                 continue
@@ -127,15 +127,14 @@ class LoFT(torch.optim.Optimizer):
                 g_tilde = side.g @ inverse  # block 2: g̃·R = G·P_R, the projected full gradient
                 scaled.append((g_tilde, inverse))
                 if i == active:  # block 6 counts the active factor's projected gradient ‖g̃·R‖
-                    norm_sq += ((g_tilde @ gram) * g_tilde).sum().double().cpu()
+                    norms_sq.append(((g_tilde @ gram) * g_tilde).sum().double())
             work.append((sides, scaled, active, step))
         others = [p for g in self.param_groups[1:] for p in g["params"] if p.grad is not None]
-        for p in others:
-            norm_sq += p.grad.double().pow(2).sum().cpu()
+        norms_sq += [p.grad.double().pow(2).sum() for p in others]
+        self.last_grad_norm = math.sqrt(float(sum(n.to(norms_sq[0].device) for n in norms_sq))) if norms_sq else 0.0
         coef = 1.0
         if lora["max_grad_norm"] > 0:
-            coef = min(1.0, lora["max_grad_norm"] / (math.sqrt(float(norm_sq)) + 1e-6))
-        self.last_grad_norm = math.sqrt(float(norm_sq))
+            coef = min(1.0, lora["max_grad_norm"] / (self.last_grad_norm + 1e-6))
 
         for sides, scaled, active, step in work:
             for i, (side, (g_tilde, inverse)) in enumerate(zip(sides, scaled)):

@@ -1,0 +1,254 @@
+"""`rankwise bench loft`: LoFT against LoRA+AdamW, DoRA and full fine-tuning, same steps and data.
+
+Each configuration trains in its own forked process, so its memory is its own: after the model and
+data are loaded, freed memory is returned to the OS and the kernel's peak-RSS mark is reset
+(/proc/self/clear_refs), and the peak RSS reached during the training steps is read back (VmHWM).
+That peak is the whole process (weights, activations, gradients, optimizer state), like a GPU's
+max_memory_allocated; tracemalloc would miss it because torch allocates outside Python. On CUDA the
+torch allocator's peak is reported instead. Optimizer state bytes are counted exactly as well.
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import multiprocessing
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from rankwise.bench import register
+
+SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
+    "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
+                 lora_sweep="1e-3:2,4e-3:2", memory_rank=0, examples=600),
+    "default": dict(steps=60, batch=8, max_length=256, eval_examples=64, lr=1e-4, lr_simple=5e-4, ranks="1,2,4,16",
+                    lora_sweep="2e-4:2,5e-4:2,1e-3:2,5e-4:1", memory_rank=16, examples=0),
+}
+
+
+def _status_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def _reset_peak() -> None:
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed load-time buffers back to the OS
+    except OSError:
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    except OSError:
+        pass
+
+
+def _one(overrides: list[str], want_start: bool, conn) -> None:
+    """Child process: build the run, train, measure; send a dict back."""
+    import torch
+
+    from rankwise.config import load_config
+    from rankwise.train.recipe import build_run, train_step
+
+    try:
+        cfg = load_config(None, overrides)
+        run = build_run(cfg, say=lambda *a: None)
+        start_loss = run.test_loss() if want_start else None
+        cuda = run.device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        _reset_peak()
+        rss_before = _status_kb("VmRSS") / 1024
+        seconds = []
+        for _ in range(cfg.steps):
+            seconds.append(train_step(run)["seconds"])
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _status_kb("VmHWM") / 1024
+        state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
+                    for t in s.values() if torch.is_tensor(t))
+        conn.send({"eval_loss": run.test_loss(), "eval_loss_start": start_loss,
+                   "step_s": statistics.mean(seconds[1:] or seconds), "peak_mb": peak,
+                   "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+                   "rss_before_mb": rss_before, "optimizer_state_mb": state / 2 ** 20,
+                   "trainable": sum(p.numel() for p in run.trainable()), "steps": cfg.steps})
+    except BaseException as e:  # report, never hang the parent
+        conn.send({"error": f"{type(e).__name__}: {e}"})
+
+
+def _in_child(target, *args) -> dict:
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=target, args=(*args, there))
+    proc.start()
+    there.close()
+    try:
+        result = here.recv()
+    except EOFError:  # the child died without a word (killed, out of memory)
+        result = {"error": "the run's process died"}
+    proc.join()
+    return result
+
+
+def _make_tiny(path: str, conn) -> None:
+    from rankwise.tiny import make_tiny_model_dir
+
+    conn.send(str(make_tiny_model_dir(path)))
+
+
+def _small_data(path: Path, n: int) -> str:
+    """The first n built-in examples as a .jsonl file: the tiny scale's runs then load in a second."""
+    from rankwise.data.stdlib_docstrings import extract
+
+    with path.open("w") as f:
+        for row in extract()[:n]:
+            f.write(json.dumps({"prompt": row["prompt"], "response": row["response"]}) + "\n")
+    return str(path)
+
+
+def configurations(ranks: list[int], lr: float, lr_simple: float, lora_sweep: list[tuple[float, float]]):
+    """(label, rank, overrides) for every run of the comparison."""
+    out = [("full", None, ["method=full", f"lr={lr}"])]
+    for r in ranks:
+        lora = ["method=lora", f"rank={r}"]
+        out.append(("loft", r, lora + ["optimizer=loft", "clip=0", f"lr={lr}", f"alpha={r}"]))
+        out.append(("loft-simple", r, lora + ["optimizer=loft", "clip=0", f"lr={lr_simple}", f"alpha={r}",
+                                              "optimizer_args.simple=true"]))
+        for lora_lr, alpha_per_r in lora_sweep:
+            out.append((f"lora lr={lora_lr:g} a={alpha_per_r:g}r", r,
+                        lora + [f"lr={lora_lr}", f"alpha={alpha_per_r * r}"]))
+        best_lr, best_alpha = lora_sweep[0]
+        out.append(("dora", r, ["method=dora", f"rank={r}", f"lr={best_lr}", f"alpha={best_alpha * r}"]))
+    return out
+
+
+def summarize(rows: list[dict]) -> list[dict]:
+    """Per rank: best LoRA of the sweep (chosen on held-out loss, which favours LoRA), LoFT, gap closed."""
+    full = next((r["eval_loss"] for r in rows if r["label"] == "full" and "eval_loss" in r), None)
+    out = []
+    for rank in sorted({r["rank"] for r in rows if r["rank"] is not None}):
+        at = {r["label"]: r for r in rows if r["rank"] == rank and "eval_loss" in r}
+        loras = [r for label, r in at.items() if label.startswith("lora")]
+        best = min(loras, key=lambda r: r["eval_loss"]) if loras else None
+        line = {"rank": rank, "full": full, "lora_best": best and best["eval_loss"],
+                "lora_best_label": best and best["label"]}
+        for label in ("loft", "loft-simple", "dora"):
+            line[label] = at[label]["eval_loss"] if label in at else None
+        if full is not None and best is not None and line["loft"] is not None and best["eval_loss"] > full:
+            line["gap_closed"] = (best["eval_loss"] - line["loft"]) / (best["eval_loss"] - full)
+        out.append(line)
+    return out
+
+
+def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
+    """Peak training memory at one rank: LoFT and LoFT simple relative to LoRA+AdamW."""
+    runs = {"lora": ["method=lora", f"rank={rank}"],
+            "loft": ["method=lora", f"rank={rank}", "optimizer=loft", "clip=0"],
+            "loft-simple": ["method=lora", f"rank={rank}", "optimizer=loft", "clip=0", "optimizer_args.simple=true"]}
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for label, extra in runs.items():
+            over = common + extra + [f"steps={steps}", f"out={tmp}/mem-{label}", "eval_examples=8"]
+            rows.append({"label": label, "rank": rank, **_in_child(_one, over, False)})
+    base = rows[0].get("peak_mb")
+    for row in rows:
+        if base and "peak_mb" in row:
+            row["peak_vs_lora"] = row["peak_mb"] / base
+    return rows
+
+
+def _print_rows(rows: list[dict]) -> None:
+    print(f"{'config':<24}{'rank':>5}{'held-out':>10}{'step s':>9}{'peak MB':>9}{'state MB':>10}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['label']:<24}{str(r['rank'] or '-'):>5}  ERROR {r['error']}")
+            continue
+        print(f"{r['label']:<24}{str(r['rank'] or '-'):>5}{r['eval_loss']:>10.4f}{r['step_s']:>9.2f}"
+              f"{r['peak_mb']:>9.0f}{r['optimizer_state_mb']:>10.1f}")
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="rankwise bench loft", description=__doc__.splitlines()[0])
+    ap.add_argument("--scale", choices=sorted(SCALES), default="default")
+    ap.add_argument("--ranks", help="comma-separated LoRA ranks")
+    ap.add_argument("--steps", type=int)
+    ap.add_argument("--batch-size", type=int)
+    ap.add_argument("--max-length", type=int)
+    ap.add_argument("--eval-examples", type=int)
+    ap.add_argument("--lr", type=float, help="learning rate of full fine-tuning and LoFT")
+    ap.add_argument("--lr-simple", type=float,
+                    help="learning rate of LoFT simple: its Adam step is taken in factor space, like LoRA's")
+    ap.add_argument("--lora-sweep", help="LoRA+AdamW (and DoRA: first entry) settings, 'lr:alpha/r,...'")
+    ap.add_argument("--methods", default="full,loft,loft-simple,lora,dora",
+                    help="which of full, loft, loft-simple, lora, dora to run (comma-separated)")
+    ap.add_argument("--memory-rank", type=int, help="rank of the memory check (0 skips it; default 16, tiny 0)")
+    ap.add_argument("--memory-steps", type=int, default=2)
+    ap.add_argument("--skip-quality", action="store_true", help="only the memory check")
+    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out", help="write all results as JSON here")
+    args = ap.parse_args(argv)
+    scale = SCALES[args.scale]
+    ranks = [int(r) for r in (args.ranks or scale["ranks"]).split(",")]
+    sweep = [tuple(float(x) for x in item.split(":")) for item in (args.lora_sweep or scale["lora_sweep"]).split(",")]
+    steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
+    lr = args.lr or scale["lr"]
+    memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
+    import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
+    started = time.time()
+    with tempfile.TemporaryDirectory() as tmp:
+        model = "default"
+        if args.scale == "tiny":
+            model = _in_child(_make_tiny, f"{tmp}/tiny-model")
+        common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
+                  f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
+                  f"precision={args.precision}", f"threads={args.threads}", "seed=0"]
+        if scale["examples"]:
+            common.append(f"data={_small_data(Path(tmp) / 'data.jsonl', scale['examples'])}")
+        rows = []
+        if not args.skip_quality:
+            methods = set(args.methods.split(","))
+            runs = [c for c in configurations(ranks, lr, args.lr_simple or scale["lr_simple"], sweep)
+                    if c[0].split(" ")[0] in methods]
+            for i, (label, rank, extra) in enumerate(runs):
+                over = common + extra + [f"steps={steps}", f"out={tmp}/run-{i}"]
+                result = _in_child(_one, over, i == 0)
+                rows.append({"label": label, "rank": rank, "overrides": extra, **result})
+                print(f"[{time.time() - started:6.0f}s] {label} r={rank}: "
+                      + (result.get("error") or f"held-out {result['eval_loss']:.4f}"), flush=True)
+        memory = memory_check(common, memory_rank, args.memory_steps) if memory_rank else []
+    print(f"\nLoFT bench, scale {args.scale}: {steps} steps, batch {batch}, {args.precision}, "
+          f"{time.time() - started:.0f} s in all")
+    if rows:
+        _print_rows(rows)
+        start = rows[0].get("eval_loss_start")
+        print(f"\nheld-out loss before training: {start:.4f}" if start is not None else "")
+        print(f"{'rank':>4}{'full':>9}{'LoRA*':>9}{'DoRA':>9}{'LoFT':>9}{'simple':>9}{'gap closed':>12}")
+        summary = summarize(rows)
+        fmt = lambda v: f"{v:>9.4f}" if v is not None else f"{'-':>9}"  # noqa: E731
+        for s in summary:
+            gap = f"{100 * s['gap_closed']:>11.0f}%" if "gap_closed" in s else f"{'-':>12}"
+            print(f"{s['rank']:>4}{fmt(s['full'])}{fmt(s['lora_best'])}{fmt(s['dora'])}{fmt(s['loft'])}"
+                  f"{fmt(s['loft-simple'])}{gap}")
+        print("LoRA* = best of the LoRA+AdamW sweep on the same held-out set (optimistic for LoRA)")
+    else:
+        summary = []
+    if memory:
+        print(f"\nmemory check at r={memory_rank}, {args.memory_steps} steps:")
+        _print_rows(memory)
+        for row in memory:
+            if "peak_vs_lora" in row:
+                print(f"  {row['label']}: peak {row['peak_vs_lora']:.3f}x LoRA+AdamW")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"scale": args.scale, "steps": steps, "batch_size": batch,
+                                              "precision": args.precision, "lr": lr, "lora_sweep": sweep,
+                                              "rows": rows, "summary": summary, "memory": memory}, indent=2))
+    failed = [r for r in rows + memory if "error" in r]
+    return 1 if failed else 0
+
+
+register("loft", main)
