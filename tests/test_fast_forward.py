@@ -120,7 +120,7 @@ def test_back_off_stretches_interval_after_empty_stages_and_resets():
     assert stage["accepted"] > 0 and toy.ff.interval == 2
 
 
-def test_optimizer_state_and_schedule_untouched(tiny_model_dir):
+def test_optimizer_state_and_schedule_untouched():
     w = torch.nn.Parameter(torch.ones(4))
     opt = torch.optim.AdamW([w], lr=0.1)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
@@ -173,7 +173,7 @@ def test_config_checks_ff_options():
 
 
 # ---- the recipe -----------------------------------------------------------------------------------
-FF_ON = {"fast_forward": "true", "ff.interval": 2, "ff.burn_in": 2, "ff.tiny_examples": 4}
+FF_ON = {"fast_forward": "true", "ff.interval": 2, "ff.burn_in": 2, "ff.tiny_examples": 4, "threads": 1}
 
 
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
@@ -194,7 +194,7 @@ def test_recipe_logs_ff_stages_and_charges_them(tiny_cfg, method):
 def test_recipe_resume_with_ff_equals_uninterrupted(tiny_cfg, tmp_path):
     from safetensors.torch import load_file
 
-    common = dict(steps=8, lr=1e-2, dropout=0.1, save_every=4, eval_every=0, fast_forward="true",
+    common = dict(steps=8, lr=1e-2, dropout=0.1, save_every=4, eval_every=0, fast_forward="true", threads=1,
                   **{"ff.interval": 3, "ff.burn_in": 2, "ff.direction": "interval", "ff.tiny_examples": 4})
     whole = train(tiny_cfg(out=str(tmp_path / "whole"), **common), say=lambda *_: None)
     split_out = tmp_path / "split"
@@ -219,6 +219,7 @@ def test_trainer_callback(tiny_model_dir, tmp_path):
     from rankwise.data import collate, encode_all, load_splits
     from rankwise.fastforward.callback import FastForwardCallback
 
+    torch.set_num_threads(1)
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
     splits = load_splits("stdlib-docstrings")
     train_rows = encode_all(tok, splits.train[:64], 128)

@@ -165,24 +165,24 @@ def _pct(x) -> str:
 
 def table(results: dict) -> str:
     rows = ["| regime | run | final loss | best loss | steps to target | FLOPs to target | s to target | "
-            "FLOPs saved | time saved | FF evals | FF share of FLOPs |", "|" + "---|" * 11]
+            "FLOPs saved | time saved | FF evals | FF share of FLOPs | 1 eval / 1 step (FLOPs) |",
+            "|" + "---|" * 12]
     for regime, res in results.items():
-        pairs = [("baseline", res["baseline"], None), ("ff", res["ff"], res["ff_vs_baseline"])]
+        pairs = [(res["baseline"], None), (res["ff"], res["ff_vs_baseline"])]
         if "ff_reference" in res:
-            pairs.append(("ff_reference", res["ff_reference"], res["reference_vs_baseline"]))
+            pairs.append((res["ff_reference"], res["reference_vs_baseline"]))
         target = res["ff_vs_baseline"]["target"]
-        for _, run, cmp in pairs:
+        for run, cmp in pairs:
             cost = cost_to_reach(run, target)
-            reach = ("missed", "missed", "missed") if cost is None else (
-                str(cost["step"]), f"{cost['flops'] / 1e12:.4f} T", f"{cost['seconds']:.1f}")
-            saved_f = None if cmp is None else cmp.get("flops_saved")
-            saved_s = None if cmp is None else cmp.get("seconds_saved")
-            rows.append(f"| {regime} | {_label(run)} | {run['final_eval']:.4f} | {run['best_eval']:.4f} | "
-                        f"{reach[0]} | {reach[1]} | {reach[2]} | {_pct(saved_f) if cmp else ''} | "
-                        f"{_pct(saved_s) if cmp else ''} | {run['ff_evals'] if run['fast_forward'] else ''} | "
-                        f"{100 * run['ff_flops_share']:.0f}% |" if run["fast_forward"] else
-                        f"| {regime} | {_label(run)} | {run['final_eval']:.4f} | {run['best_eval']:.4f} | "
-                        f"{reach[0]} | {reach[1]} | {reach[2]} | | | | |")
+            reach = ["missed"] * 3 if cost is None else [
+                str(cost["step"]), f"{cost['flops'] / 1e12:.4f} T", f"{cost['seconds']:.1f}"]
+            ff = [""] * 5
+            if cmp is not None:
+                ratio = run["eval_flops"] / run["train_step_flops"] if run["eval_flops"] else None
+                ff = [_pct(cmp.get("flops_saved")), _pct(cmp.get("seconds_saved")), str(run["ff_evals"]),
+                      f"{100 * run['ff_flops_share']:.0f}%", "-" if ratio is None else f"{ratio:.2f}"]
+            rows.append("| " + " | ".join([regime, _label(run), f"{run['final_eval']:.4f}", f"{run['best_eval']:.4f}",
+                                           *reach, *ff]) + " |")
     if "tuned" in results:
         sweep = ", ".join(f"lr {r['lr']:g}: best {r['best_eval']:.4f}" for r in results["tuned"]["sweep"])
         rows.append(f"\ntuned sweep (cosine): {sweep}")
@@ -263,8 +263,8 @@ def main(argv: list[str]) -> int:
             user["data"] = _builtin_as_jsonl(work)
         import torch
 
-        print(f"fast-forward bench, scale {args.scale}, model {user.get('model', 'default')}, "
-              f"{torch.get_num_threads()} threads")
+        threads = user.get("threads", scale["base"].get("threads", 0)) or torch.get_num_threads()
+        print(f"fast-forward bench, scale {args.scale}, model {user.get('model', 'default')}, {threads} threads")
         results = run_all(scale, user, work)
     report = table(results)
     print(report)
