@@ -242,7 +242,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from rankwise.config import ConfigError, _parse_scalar
+    from rankwise.config import ConfigError, _parse_scalar  # the CLI's own value parsing
 
     user = {}
     for item in args.overrides:
@@ -251,6 +251,9 @@ def main(argv: list[str]) -> int:
         key, text = item.split("=", 1)
         user[key.strip()] = _parse_scalar(text)
     scale = SCALES[args.scale]
+    from rankwise.config import load_config
+
+    load_config(None, [f"{k}={_text(v)}" for k, v in {**scale["base"], **user}.items()])  # bad keys fail now
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
