@@ -314,3 +314,36 @@ def test_warm_start_saves_evaluations_and_recovers_from_overshoot():
     assert warm.evals < cold.evals and abs(warm.kept_s - 20) <= 0.5
     bad = line_search(lambda s: (s - 1.5) ** 2, "doubling", cap=64, start=32)  # the previous answer overshoots
     assert bad.kept_s == pytest.approx(1.5) and bad.evals <= 5
+
+
+def test_trainer_callback_resumes_its_state(tiny_model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    from rankwise.data import collate, encode_all, load_splits
+    from rankwise.fastforward.callback import FastForwardCallback
+
+    torch.set_num_threads(1)
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    splits = load_splits("stdlib-docstrings")
+    train_rows, tiny_rows = encode_all(tok, splits.train[:64], 128), encode_all(tok, splits.tiny[:8], 128)
+
+    def run(resume=None):
+        torch.manual_seed(0)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                               LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+        args = TrainingArguments(output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, max_steps=6,
+                                 learning_rate=1e-2, lr_scheduler_type="constant", report_to=[], save_steps=4,
+                                 logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        ff = FastForwardCallback(tiny_rows, interval=3, burn_in=2, direction="interval", backoff=1.0)
+        trainer = Trainer(model=model, args=args, train_dataset=train_rows,
+                          data_collator=lambda rows: collate(rows, tok.pad_token_id), callbacks=[ff])
+        trainer.train(resume_from_checkpoint=resume)
+        return ff
+
+    whole = run()
+    assert (tmp_path / "hf/checkpoint-4/fast_forward.pt").is_file()
+    resumed = run(str(tmp_path / "hf/checkpoint-4"))
+    assert [r["step"] for r in whole.records] == [2, 5]  # stage 5's direction starts before the checkpoint
+    assert resumed.ff.stages == whole.ff.stages and [r["step"] for r in resumed.records] == [5]
+    assert resumed.records[0]["accepted"] == pytest.approx(whole.records[1]["accepted"], rel=1e-4)

@@ -11,7 +11,8 @@ counted). Savings = 1 - cost_FF / cost_baseline. Writes a JSON (--out) and a PNG
 loss against cumulative FLOPs, FF stages marked.
 
 Usage: rankwise bench fast-forward [--scale tiny|default] [--out R.json] [--plot R.png] [key=value ...]
-key=value pairs are config overrides for every run (model=, data=, steps=, batch_size=, ...).
+key=value pairs are config overrides for every run (model=, data=, steps=, batch_size=, ff.interval=, ...);
+the regimes' own LR and method always apply.
 """
 from __future__ import annotations
 
@@ -61,7 +62,7 @@ def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
     pairs = dict(overrides, out=str(out), overwrite=True, sample=False)
     if ff is not None:
         pairs["fast_forward"] = True
-        pairs.update({f"ff.{k}": v for k, v in ff.items()})
+        pairs.update({f"ff.{k}": v for k, v in ff.items() if f"ff.{k}" not in pairs})  # user's ff.* win
     cfg = load_config(None, [f"{k}={_text(v)}" for k, v in pairs.items()])
     start = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
