@@ -41,7 +41,9 @@ class PeftLora(Method):
             raise ConfigError(f"{self.name}: {str(e).splitlines()[0]}") from None
 
     def save(self, model, path: Path) -> None:
-        model.save_pretrained(path, safe_serialization=True)
+        # embeddings are never adapted here; "auto" would probe the base model's config.json for a
+        # resized vocabulary, which the GGUF default does not have, and warn on every save
+        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
 
     def load(self, base, path: Path, trainable: bool = False):
         from peft import PeftModel
