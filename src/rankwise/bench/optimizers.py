@@ -190,6 +190,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument("--optimizers", default="adamw,galore,lorapre,lorapre-muon")
     parser.add_argument("--steps", type=int, help="override the scale's step count")
+    parser.add_argument("--lrs", help="replace the scale's lr grid, e.g. 'adamw=1e-3,3e-3;lorapre=3e-3'")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1 is fastest on a busy box)")
     parser.add_argument("--workdir", default="runs/bench-optimizers")
     parser.add_argument("--out", help="write results as JSON here")
@@ -200,6 +201,9 @@ def main(argv: list[str]) -> int:
     if args.finetune:
         return finetune_main(args)
     scale = SCALES[args.scale]
+    if args.lrs:
+        grid = dict(item.split("=", 1) for item in args.lrs.split(";") if item)
+        scale = scale | {"lrs": scale["lrs"] | {k: [float(v) for v in lrs.split(",")] for k, lrs in grid.items()}}
     names = [n for n in args.optimizers.split(",") if n]
     cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale)
     started = time.perf_counter()
