@@ -347,3 +347,15 @@ def test_trainer_callback_resumes_its_state(tiny_model_dir, tmp_path):
     assert [r["step"] for r in whole.records] == [2, 5]  # stage 5's direction starts before the checkpoint
     assert resumed.ff.stages == whole.ff.stages and [r["step"] for r in resumed.records] == [5]
     assert resumed.records[0]["accepted"] == pytest.approx(whole.records[1]["accepted"], rel=1e-4)
+
+
+def test_stage_that_does_not_pay_for_its_evaluations_backs_off():
+    options = {"interval": 2, "burn_in": 2, "backoff": 2.0}
+    cheap, dear = Toy(goal=0.35, options={**options, "eval_cost": 0.1}), Toy(goal=0.35, options={**options, "eval_cost": 1.0})
+    (_, a), = _run(cheap, 2)
+    (_, b), = _run(dear, 2)
+    assert a["accepted"] == b["accepted"] == pytest.approx(1.5) and a["evals"] == b["evals"] == 4
+    assert a["pays"] and cheap.ff.interval == 2  # 1.5 FF steps > 4 evaluations x 0.1 step
+    assert not b["pays"] and dear.ff.interval == 4  # 1.5 FF steps < 4 evaluations x 1 step
+    with pytest.raises(ConfigError, match="eval_cost"):
+        check_hooks(load_config(None, ["fast_forward=true", "ff.eval_cost=-1"]))

@@ -11,7 +11,8 @@ What differs from the reference code, and why:
 - the stage always ends at the best point it evaluated (the reference kept the one that got worse);
 - s is capped; the default search doubles s = 1, 2, 4, ... to bracket the minimum and refines the
   bracket with a parabola (or golden section): O(log s) tiny-set forwards instead of O(s);
-- a stage that accepts nothing stretches the interval (x `backoff`), so FF costs little when idle.
+- a stage that does not pay stretches the interval (x `backoff`), so FF costs little when idle; it pays
+  when it accepts more FF steps than its evaluations cost in optimizer steps (`eval_cost`, measured).
 The reference search stays available as `search="reference"` for comparison.
 
 The LR schedule is not touched: it is indexed by optimizer steps, and FF steps are not optimizer steps.
@@ -41,7 +42,8 @@ class FFOptions:
     refine: str = "parabolic"  # parabolic | golden | none: how a doubling bracket is narrowed
     refine_evals: int = 1  # tiny-set evaluations spent narrowing the bracket
     warm_start: bool = True  # doubling starts near the previous stage's answer (fewer evaluations)
-    backoff: float = 2.0  # interval multiplier after a stage that accepts nothing (1 = never back off)
+    backoff: float = 2.0  # interval multiplier after a stage that does not pay (1 = never back off)
+    eval_cost: float | None = None  # one tiny-set evaluation in optimizer steps; None: measured by the recipe
     max_interval: int = 96  # the interval never stretches beyond this
     tiny_examples: int = 32  # tiny-set examples per evaluation (used by the recipe and the callback)
 
@@ -75,6 +77,9 @@ def check_options(values: dict) -> None:
     for key in ("burn_in", "refine_evals"):
         if key in v:
             need(integer(v[key]) and v[key] >= 0, f"ff.{key} must be an integer >= 0, got {v[key]!r}")
+    if v.get("eval_cost") is not None:
+        need(number(v["eval_cost"]) and v["eval_cost"] >= 0, f"ff.eval_cost must be a number >= 0 or null, "
+                                                              f"got {v['eval_cost']!r}")
     if "warm_start" in v:
         need(isinstance(v["warm_start"], bool), f"ff.warm_start must be true or false, got {v['warm_start']!r}")
     if "cap" in v:
@@ -133,6 +138,8 @@ class FastForward:
         self.stages = self.empty_stages = self.evals = 0
         self.ff_steps = 0.0  # sum of accepted s over all stages
         self.last_accepted = 0.0  # the previous stage's answer, where a warm-started search begins
+        # a stage pays when it accepts more FF steps than its evaluations cost in optimizer steps
+        self.eval_cost = self.options.eval_cost or 0.0
 
     # ---- the loop calls this ----------------------------------------------------------------------
     @torch.no_grad()
@@ -185,9 +192,10 @@ class FastForward:
         self.evals += result.evals
         self.ff_steps += accepted
         self.last_accepted = accepted
-        empty = accepted == 0
-        if empty:
+        pays = accepted > result.evals * self.eval_cost  # optimistic: an FF step counted as a full step
+        if accepted == 0:
             self.empty_stages += 1
+        if not pays:
             self.interval = min(o.max_interval, max(self.interval + 1, math.ceil(self.interval * o.backoff))) \
                 if o.backoff > 1 else self.interval
         else:
@@ -195,7 +203,7 @@ class FastForward:
         self.next_stage = self.step + self.interval
         n_params = sum(p.numel() for p in self.params)
         return {"accepted": accepted, "loss_before": result.loss_before, "loss_after": result.loss_after,
-                "evals": result.evals, "points": result.points, "interval": self.interval,
+                "evals": result.evals, "points": result.points, "interval": self.interval, "pays": pays,
                 "span": span, "move_flops": 2.0 * n_params * result.moves}
 
     # ---- exact resume ---------------------------------------------------------------------------
@@ -204,11 +212,12 @@ class FastForward:
                 "snapshot": None if self.snapshot is None else [t.detach().cpu().clone() for t in self.snapshot],
                 "snapshot_step": self.snapshot_step, "stages": self.stages, "empty_stages": self.empty_stages,
                 "evals": self.evals, "ff_steps": self.ff_steps, "last_accepted": self.last_accepted,
+                "eval_cost": self.eval_cost,
                 "options": asdict(self.options)}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("step", "interval", "next_stage", "snapshot_step", "stages", "empty_stages", "evals",
-                    "ff_steps", "last_accepted"):
+                    "ff_steps", "last_accepted", "eval_cost"):
             setattr(self, key, state[key])
         snap = state["snapshot"]
         self.snapshot = None if snap is None else [

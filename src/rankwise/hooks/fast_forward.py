@@ -3,6 +3,8 @@
 Every stage's tiny-set forwards (measured FLOPs), weight moves (2 FLOPs per parameter) and wall time,
 snapshots included, are charged to the run, so cum_flops / cum_seconds compare honestly with a plain run.
 Each stage is logged as {"kind": "ff", "accepted", "loss_before", "loss_after", "evals", ...}.
+With ff.eval_cost unset, the cost of one evaluation in optimizer steps is measured (its FLOPs over the
+last step's), and a stage that accepts fewer FF steps than its evaluations cost stretches the interval.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ class FastForwardHook(StepHook):
         self.options = options
         self.ff: FastForward | None = None
         self._pending: dict | None = None  # state loaded before the run started
-        self._eval_flops = 0.0
+        self._eval_flops = self._step_flops = 0.0
 
     def on_train_start(self, run) -> None:
         batches = tiny_subset(run.tiny_batches, self.options.tiny_examples)
@@ -32,6 +34,8 @@ class FastForwardHook(StepHook):
             with run.flops.measure():
                 value = tiny_loss_sum(run.model, batches, run.autocast)
             self._eval_flops += run.flops.last
+            if self.options.eval_cost is None and self._step_flops > 0:  # measured: one evaluation in steps
+                self.ff.eval_cost = run.flops.last / self._step_flops
             return value
 
         self.ff = FastForward(run.trainable(), tiny_loss, self.options)
@@ -42,6 +46,7 @@ class FastForwardHook(StepHook):
     def after_step(self, run) -> None:
         start = time.perf_counter()
         self._eval_flops = 0.0
+        self._step_flops = run.flops.last  # the optimizer step just measured
         stage = self.ff.after_step()
         seconds = time.perf_counter() - start
         flops = self._eval_flops + (stage["move_flops"] if stage else 0.0)
@@ -49,6 +54,7 @@ class FastForwardHook(StepHook):
         if stage is not None:
             run.log({"kind": "ff", "accepted": stage["accepted"], "loss_before": stage["loss_before"],
                      "loss_after": stage["loss_after"], "evals": stage["evals"], "interval": stage["interval"],
+                     "pays": stage["pays"], "eval_cost": self.ff.eval_cost,
                      "flops": flops, "seconds": seconds, "points": stage["points"]})
 
     def state_dict(self) -> dict:
