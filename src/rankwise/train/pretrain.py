@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from tqdm.auto import tqdm
 
 from rankwise import runtime
 from rankwise.config import Config, ConfigError, _coerce, _parse_scalar
@@ -239,7 +240,6 @@ def run(cfg: PretrainConfig, say=print) -> dict:
     log.write({"kind": "eval", "step": 0, "val_loss": val_start})
     gen = torch.Generator().manual_seed(cfg.seed)
     tokens, seconds, loss = 0, 0.0, float("nan")
-    from tqdm.auto import tqdm
     bar = tqdm(total=cfg.steps, desc=f"pretrain {cfg.optimizer}", unit="step", disable=not cfg.progress,
                dynamic_ncols=True)
     diverged = False
@@ -277,7 +277,8 @@ def run(cfg: PretrainConfig, say=print) -> dict:
     finally:
         log.close()
     summary = {"optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr, "steps": step, "diverged": diverged,
-               "val_loss_start": val_start, "val_loss": val, "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
+               "val_loss_start": val_start, "val_loss": val,
+               "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
                "train_loss": loss, "params": n_params, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                # the attention / MLP matrices only: where low-rank state differs from Adam's
                "matrix_state_bytes": optimizer_state_bytes(optimizer, lora_pre_groups(model, 1)[0]["params"]),
