@@ -104,11 +104,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("methods", help="list the registered methods, optimizers and hooks")
     p.set_defaults(func=cmd_methods)
 
-    p = sub.add_parser("pretrain", help="pre-train a small Llama from scratch on offline text")
+    p = sub.add_parser("pretrain", help="pre-train a small Llama from scratch on offline text", add_help=False)
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_pretrain)
 
-    p = sub.add_parser("bench", help="benchmarks; `rankwise bench NAME --help` for each")
+    p = sub.add_parser("bench", help="benchmarks; `rankwise bench NAME --help` for each", add_help=False)
     p.add_argument("name", help="which benchmark, e.g. throughput")
     p.add_argument("args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
