@@ -76,7 +76,7 @@ def cmd_bench(ns) -> int:
 def cmd_pretrain(ns) -> int:
     from rankwise.train.pretrain import main as pretrain_main  # LoRA-Pre issue: pre-training recipe
 
-    return pretrain_main(ns.args)
+    return pretrain_main(ns.args[1:] if ns.args[:1] == ["--"] else ns.args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -116,6 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["pretrain"]:  # its own parser owns every option, --help included
+        argv = ["pretrain", "--"] + argv[1:]
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
