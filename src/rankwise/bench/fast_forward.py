@@ -44,7 +44,7 @@ SCALES = {
         "base": {"steps": 24, "batch_size": 8, "max_length": 256, "eval_every": 4, "eval_examples": 48,
                  "rank": 16, "alpha": 32, "warmup_steps": 0, "precision": "bf16"},
         "paper": {"lr": 1e-4, "grad_accum": 4, "schedule": "constant"},
-        "tuned": {"lrs": [2e-4, 5e-4, 1e-3], "schedule": "cosine", "warmup_steps": 2, "grad_accum": 2},
+        "tuned": {"lrs": [3e-4, 1e-3, 3e-3], "schedule": "cosine", "warmup_steps": 2, "grad_accum": 2},
         "control": {"method": "full", "lr": 1e-5, "schedule": "constant", "steps": 12, "grad_accum": 2},
         "ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "cap": 64},
         "reference_ff": {"interval": 6, "burn_in": 6, "tiny_examples": 32, "search": "reference",
@@ -147,6 +147,8 @@ def run_all(scale: dict, user: dict, work: Path, say=print) -> dict:
     t = {k: v for k, v in scale["tuned"].items() if k != "lrs"}
     sweep = [runs(f"tuned-base-{lr:g}", {**t, "lr": lr}) for lr in scale["tuned"]["lrs"]]
     best = min(sweep, key=lambda r: r["best_eval"])
+    if best["lr"] in (min(r["lr"] for r in sweep), max(r["lr"] for r in sweep)) and len(sweep) > 1:
+        say(f"  note: the best LR {best['lr']:g} is at the edge of the sweep; widen it with --lrs")
     tuned = {"sweep": sweep, "baseline": best, "ff": runs("tuned-ff", {**t, "lr": best["lr"]}, scale["ff"])}
     tuned["ff_vs_baseline"] = compare(best, tuned["ff"])
     results["tuned"] = tuned
@@ -240,6 +242,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="write the held-out loss vs FLOPs plot here (PNG)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--lrs", help="comma-separated LRs for the tuned regime's baseline sweep")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -252,6 +255,8 @@ def main(argv: list[str]) -> int:
         key, text = item.split("=", 1)
         user[key.strip()] = _parse_scalar(text)
     scale = SCALES[args.scale]
+    if args.lrs:
+        scale = {**scale, "tuned": {**scale["tuned"], "lrs": [float(x) for x in args.lrs.split(",") if x]}}
     from rankwise.config import load_config
 
     load_config(None, [f"{k}={_text(v)}" for k, v in {**scale["base"], **user}.items()])  # bad keys fail now
