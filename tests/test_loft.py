@@ -132,7 +132,7 @@ def _train(model, opt, steps, seed=1):
 
 
 def _deltas(model):
-    return [m.get_delta_weight("default") for m in model.modules() if hasattr(m, "get_delta_weight")]
+    return [m.get_delta_weight("default").detach() for m in model.modules() if hasattr(m, "get_delta_weight")]
 
 
 @pytest.mark.parametrize("simple", [False, True])

@@ -57,6 +57,8 @@ class LoFT(torch.optim.Optimizer):
     projected full gradients (block 6); 0 disables. Step 1 moves B, step 2 A, and so on.
     """
 
+    clips_gradients = True  # block 6 clips projected gradients; a loop should not clip raw ones before
+
     def __init__(self, pairs, params=(), lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 0.0, ridge: float = 1e-6, simple: bool = False,
                  max_grad_norm: float = 0.0):
