@@ -43,12 +43,15 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
 
     train = [r for r in records if r.get("kind") == "train"]
     evals = [r for r in records if r.get("kind") == "eval"]
+    ff = [r for r in records if r.get("kind") == "ff"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x_key, x_label in ((axes[0], "step", "optimizer step"), (axes[1], "cum_flops", "cumulative FLOPs")):
         if train:
             ax.plot([r[x_key] for r in train], [r["loss"] for r in train], alpha=0.5, label="train loss")
         if evals:
             ax.plot([r[x_key] for r in evals], [r["eval_loss"] for r in evals], "o-", label="held-out loss")
+        for r in ff:  # Fast Forward stages: solid where steps were accepted, faint where none
+            ax.axvline(r[x_key], color="C3", lw=0.8, alpha=0.5 if r["accepted"] else 0.15)
         ax.set_xlabel(x_label)
         ax.set_ylabel("loss (nats/token)")
         ax.grid(alpha=0.3)
