@@ -61,7 +61,7 @@ def merge(adapter: str, out: str, model: str | None = None) -> Path:
     adapter_dir, meta = locate_artifact(adapter)
     method = get_method(meta["method"])
     if not method.mergeable:
-        raise ConfigError(f"method {meta['method']!r} cannot be merged into the base weights")
+        method.merge(None)  # raises the method's own explanation, before any weights load
     net, tok = load_for_inference(model, adapter)
     merged = method.merge(net)
     dest = Path(out)
