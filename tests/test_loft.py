@@ -199,8 +199,7 @@ def test_check_refuses_what_cannot_work(tiny_cfg):
     check = get_optimizer("loft").check
     with pytest.raises(ConfigError, match="LoRA factors"):
         check(tiny_cfg(optimizer="loft", method="full", clip=0))
-    with pytest.raises(ConfigError, match="clip=0"):
-        check(tiny_cfg(optimizer="loft"))
+    check(tiny_cfg(optimizer="loft", clip=1.0))  # the recipe's clip becomes LoFT's projected-gradient clip
     with pytest.raises(ConfigError, match="does not take"):
         check(tiny_cfg(optimizer="loft", clip=0, **{"optimizer_args.betas2": 0.9}))
     with pytest.raises(ConfigError, match="true or false"):
@@ -220,3 +219,16 @@ def test_recipe_learns_and_resumes_exactly(tiny_cfg, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert resumed["eval_loss"] == whole["eval_loss"]
+
+
+def test_recipe_clip_becomes_loft_max_grad_norm(tiny_cfg):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rankwise.methods import get_method
+
+    cfg = tiny_cfg(optimizer="loft", clip=0.5)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(cfg.model), get_method("lora").lora_config(cfg))
+    opt = get_optimizer("loft").build(model, cfg)
+    assert all(g["max_grad_norm"] == 0.5 for g in opt.param_groups)
+    assert opt.clips_gradients  # so the recipe leaves raw gradients unclipped

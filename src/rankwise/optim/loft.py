@@ -223,15 +223,11 @@ def _check(cfg: Config) -> None:
     if cfg.method not in LORA_METHODS:
         raise ConfigError(f"optimizer 'loft' needs LoRA factors (method in {list(LORA_METHODS)}), "
                           f"got method={cfg.method!r}")
-    if cfg.clip > 0:
-        raise ConfigError("optimizer 'loft' clips its projected gradients itself (optimizer_args.max_grad_norm, "
-                          "default 1.0); the recipe's clip acts on raw LoRA gradients and would let alpha change "
-                          "the dynamics: set clip=0")
 
 
 def _build(model: torch.nn.Module, cfg: Config) -> LoFT:
     args = dict(cfg.optimizer_args)
-    args.setdefault("max_grad_norm", 1.0)
+    args.setdefault("max_grad_norm", cfg.clip)  # the recipe's clip, applied to projected gradients
     return LoFT.from_peft_model(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **args)
 
 

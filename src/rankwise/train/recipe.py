@@ -205,7 +205,10 @@ def train_step(run: Run) -> dict:
             raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping (last good checkpoint "
                                    f"kept in {run.out}); try a lower lr or precision=fp32")
         params = run.trainable()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf")))
+        # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
+        own_clip = getattr(run.optimizer, "clips_gradients", False)
+        max_norm = cfg.clip if cfg.clip > 0 and not own_clip else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
