@@ -1,6 +1,5 @@
 """Fast Forward: the line searches, the stage's guarantees, back-off, exact state, the recipe hook,
 the Trainer callback and the 2-process decision under torch.distributed."""
-import json
 import math
 import os
 import socket

@@ -232,3 +232,15 @@ def test_recipe_clip_becomes_loft_max_grad_norm(tiny_cfg):
     opt = get_optimizer("loft").build(model, cfg)
     assert all(g["max_grad_norm"] == 0.5 for g in opt.param_groups)
     assert opt.clips_gradients  # so the recipe leaves raw gradients unclipped
+
+
+def test_fast_forward_runs_on_loft_moves(tiny_cfg):
+    from rankwise.train.metrics import read_metrics
+    from rankwise.train.recipe import train
+
+    cfg = tiny_cfg(optimizer="loft", steps=12, lr=3e-3, schedule="constant", fast_forward=True,
+                   **{"ff.interval": 3, "ff.burn_in": 3})
+    summary = train(cfg, say=lambda *_: None)
+    stages = [r for r in read_metrics(f"{cfg.out}/metrics.jsonl") if r["kind"] == "ff"]
+    assert stages and all(r["loss_after"] <= r["loss_before"] for r in stages)
+    assert summary["eval_loss"] < summary["eval_loss_start"]

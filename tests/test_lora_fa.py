@@ -218,3 +218,24 @@ def test_bad_method_args_are_rejected(arg, message):
     cfg = load_config(None, ["method=lora-fa", arg])
     with pytest.raises(ConfigError, match=message):
         get_method("lora-fa").check(cfg)
+
+
+def test_fast_forward_extrapolates_only_B(tiny_cfg):
+    from rankwise.train.metrics import read_metrics
+    from rankwise.train.recipe import build_run, train_step
+
+    cfg = tiny_cfg(method="lora-fa", steps=12, lr=1e-2, schedule="constant", fast_forward=True,
+                   **{"ff.interval": 3, "ff.burn_in": 3})
+    run = build_run(cfg, say=lambda *a: None)
+    A0 = [layer.lora_A["default"].weight.detach().clone() for _, layer in lora_layers(run.model)]
+    for hook in run.hooks:
+        hook.on_train_start(run)
+    for _ in range(cfg.steps):
+        train_step(run)
+        for hook in run.hooks:
+            hook.after_step(run)
+    run.log_file.close()
+    stages = [r for r in read_metrics(f"{cfg.out}/metrics.jsonl") if r["kind"] == "ff"]
+    assert stages and any(r["accepted"] > 0 for r in stages)
+    for (_, layer), a0 in zip(lora_layers(run.model), A0):
+        assert torch.equal(layer.lora_A["default"].weight, a0)  # FF moved B, never the frozen A

@@ -291,7 +291,7 @@ def main(argv: list[str]) -> int:
             measured = measure(models, {b: rows[:b] for b in batches}, new_tokens, ns.repeats)
             record.update({"mode": "latency", "dtype": str(dtype).replace("torch.", ""), "prompt_tokens": length,
                            "new_tokens": new_tokens, "repeats": ns.repeats, "budgets": budgets, **measured})
-            print(f"trainable-parameter budgets: " + ", ".join(f"{k} {v:,}" for k, v in budgets.items() if v))
+            print("trainable-parameter budgets: " + ", ".join(f"{k} {v:,}" for k, v in budgets.items() if v))
             print(f"prompts: {length} tokens, {new_tokens} new tokens, median of {ns.repeats} runs, {record['dtype']}")
             print(_table(record, batches))
             record["targets"] = targets(record, batches)

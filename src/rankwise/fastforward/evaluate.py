@@ -1,9 +1,7 @@
 """The tiny-set loss, as cheap as it can be: no autograd, autocast, logits only at labelled tokens."""
 from __future__ import annotations
 
-import torch
-
-from rankwise.train.loss import token_loss_sum
+from rankwise.train.loss import loss_totals
 
 
 def tiny_subset(batches: list[dict], n_examples: int) -> list[dict]:
@@ -19,16 +17,5 @@ def tiny_subset(batches: list[dict], n_examples: int) -> list[dict]:
     return out
 
 
-@torch.no_grad()
-def tiny_loss_sum(model, batches: list[dict], autocast) -> tuple[float, int]:
-    """(sum of token losses, labelled tokens) over `batches`, in eval mode (the mode is restored)."""
-    was_training = model.training
-    model.eval()  # no dropout: the same weights must always give the same loss
-    total, count = 0.0, 0
-    for batch in batches:
-        with autocast():
-            loss, n = token_loss_sum(model, batch)
-        total += float(loss)
-        count += n
-    model.train(was_training)
-    return total, count
+# the loss itself is the recipe's held-out loss: no grad, eval mode, logits only at labelled tokens
+tiny_loss_sum = loss_totals

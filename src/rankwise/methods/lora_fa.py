@@ -16,7 +16,7 @@ import json
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
-from rankwise.methods import Method, register
+from rankwise.methods import Method, check_low_rank, register
 
 ARGS_FILE = "lora_fa.json"
 INITS = ("kaiming", "svd")  # mirrors rankwise.lorafa.INITS without importing peft at check time
@@ -27,12 +27,7 @@ class LoraFA(Method):
     mergeable = True
 
     def check(self, cfg: Config) -> None:
-        if cfg.rank <= 0:
-            raise ConfigError(f"rank must be a positive integer, got {cfg.rank}")
-        if cfg.alpha <= 0:
-            raise ConfigError(f"alpha must be positive, got {cfg.alpha}")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        check_low_rank(cfg)
         args = cfg.method_args
         unknown = set(args) - {"init", "delta", "use_rslora"}
         if unknown:
@@ -65,7 +60,7 @@ class LoraFA(Method):
     def save(self, model, path: Path) -> None:
         from rankwise.lorafa import lora_layers
 
-        model.save_pretrained(path, safe_serialization=True)
+        model.save_pretrained(path, safe_serialization=True, save_embedding_layers=False)
         delta = next(layer.fa_delta for _, layer in lora_layers(model))
         (path / ARGS_FILE).write_text(json.dumps({"delta": delta}))
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
-from rankwise.methods import Method, register
+from rankwise.methods import Method, check_low_rank, register
 
 
 class PeftLora(Method):
@@ -15,12 +15,7 @@ class PeftLora(Method):
         self.use_dora = use_dora
 
     def check(self, cfg: Config) -> None:
-        if cfg.rank <= 0:
-            raise ConfigError(f"rank must be a positive integer, got {cfg.rank}")
-        if cfg.alpha <= 0:
-            raise ConfigError(f"alpha must be positive, got {cfg.alpha}")
-        if not 0.0 <= cfg.dropout < 1.0:
-            raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        check_low_rank(cfg)
         unknown = set(cfg.method_args) - {"init_lora_weights", "use_rslora", "bias"}
         if unknown:
             raise ConfigError(f"method {self.name!r} does not take method_args {sorted(unknown)}")

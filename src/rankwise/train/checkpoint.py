@@ -9,6 +9,7 @@ A checkpoint directory exists under its final name only once every file in it is
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -49,23 +50,16 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: dict, keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints.
-
-    `write_adapter(path)` writes the method's artifact into an existing empty directory.
-    """
-    root = run_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".step-{step:06d}."))
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yield a temporary sibling of `final` to fill; on success it is fsynced and renamed to `final`
+    (replacing an older one), on any exception it is removed: `final` is always complete or absent."""
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
     try:
-        (tmp / ADAPTER).mkdir()
-        write_adapter(tmp / ADAPTER)
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        yield tmp
         _fsync_tree(tmp)
-        if final.exists():  # re-saving the same step (e.g. after resume): swap, then drop the old one
-            old = root / f".old-{final.name}"
+        if final.exists():
+            old = final.parent / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
             tmp.rename(final)
@@ -75,6 +69,21 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: dict, keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically and point `latest` at it; keep the newest `keep` checkpoints.
+
+    `write_adapter(path)` writes the method's artifact into an existing empty directory.
+    """
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    with atomic_dir(final) as tmp:
+        (tmp / ADAPTER).mkdir()
+        write_adapter(tmp / ADAPTER)
+        torch.save(state, tmp / STATE)
+        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
     atomic_write_text(run_dir / LATEST, str(final.relative_to(run_dir)) + "\n")
     _prune(root, keep, final)
     return final

@@ -35,10 +35,10 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def mean_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> float:
-    """Token-weighted mean loss over `batches` in eval mode (the model's mode is restored)."""
+def loss_totals(model, batches: list[dict[str, torch.Tensor]], autocast) -> tuple[float, int]:
+    """(sum of token losses, labelled tokens) over `batches` in eval mode (the model's mode is restored)."""
     was_training = model.training
-    model.eval()
+    model.eval()  # no dropout: the same weights must always give the same loss
     total, count = 0.0, 0
     for batch in batches:
         with autocast():
@@ -46,4 +46,10 @@ def mean_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> float:
         total += float(loss)
         count += n
     model.train(was_training)
+    return total, count
+
+
+def mean_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> float:
+    """Token-weighted mean loss over `batches` in eval mode."""
+    total, count = loss_totals(model, batches, autocast)
     return total / max(1, count)

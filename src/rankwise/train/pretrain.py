@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from rankwise import runtime
 from rankwise.config import Config, ConfigError, _coerce, _parse_scalar
 from rankwise.optim import get_optimizer, lora_pre_groups, optimizer_state_bytes
-from rankwise.train.checkpoint import atomic_write_text
+from rankwise.train.checkpoint import atomic_dir, atomic_write_text
 from rankwise.train.metrics import MetricsLog
 from rankwise.train.schedule import build_scheduler
 
@@ -295,21 +295,9 @@ def run(cfg: PretrainConfig, say=print) -> dict:
 
 def _save_model(model, tok, final: Path) -> None:
     """Write the model and tokenizer to a temporary sibling, then rename: `final` is complete or absent."""
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
-    try:
+    with atomic_dir(final) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save(str(tmp / "tokenizer.json"))
-        if final.exists():
-            old = final.parent / f".old-{final.name}"
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 USAGE = """usage: rankwise pretrain [key=value ...]
