@@ -105,3 +105,19 @@ def test_nan_loss_stops_with_clear_error(tiny_cfg, monkeypatch):
     assert latest.endswith("step-000002")
     meta = json.loads(open(f"{cfg.out}/{latest}/rankwise.json").read())
     assert meta["step"] == 2  # the last good checkpoint is kept
+
+
+def test_grad_accumulation_equals_one_big_batch(tiny_cfg, tmp_path):
+    from rankwise.train.recipe import build_run, train_step
+
+    def one_step(**overrides):
+        run = build_run(tiny_cfg(out=str(tmp_path / str(overrides)), steps=1, warmup_steps=0, **overrides),
+                        say=lambda *_: None)
+        train_step(run)
+        run.log_file.close()
+        return {n: p.detach().clone() for n, p in run.model.named_parameters() if p.requires_grad}
+
+    # the stream hands out the same 4 examples either way; the loss is token-weighted over all of them
+    big, split = one_step(batch_size=4, grad_accum=1), one_step(batch_size=2, grad_accum=2)
+    for name in big:
+        torch.testing.assert_close(split[name], big[name], rtol=1e-5, atol=1e-6)
