@@ -78,6 +78,11 @@ def _low_rank(p: torch.Tensor, group: dict) -> bool:
 class _LowRankOptimizer(torch.optim.Optimizer):
     """Shared parts: factor init, the low-rank/dense split per parameter, exact state_dict round trip."""
 
+    @classmethod
+    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw", **kwargs):
+        """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
+        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
+
     def _init_factors(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         rows, cols = p.shape
         r = group["rank"]
@@ -115,12 +120,6 @@ class LoRAPreAdam(_LowRankOptimizer):
         defaults = dict(lr=lr, rank=rank, betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta,
                         scale=scale, init_std=init_std)
         super().__init__(params, defaults)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw",
-                  **kwargs) -> "LoRAPreAdam":
-        """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
-        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):

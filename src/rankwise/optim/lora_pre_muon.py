@@ -11,12 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
 
 from rankwise.config import Config
 from rankwise.optim import register
 from rankwise.optim.lora_pre import (_adamw_step, _apply, _low_rank, _LowRankOptimizer, advance_factors,
-                                     check_full_rank_optimizer, lora_pre_groups)
+                                     check_full_rank_optimizer)
 
 __all__ = ["LoRAPreMuon", "newton_schulz"]
 
@@ -49,11 +48,6 @@ class LoRAPreMuon(_LowRankOptimizer):
                         betas=tuple(betas), eps=eps, weight_decay=weight_decay, delta=delta, scale=scale,
                         init_std=init_std)
         super().__init__(params, defaults)
-
-    @classmethod
-    def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw",
-                  **kwargs) -> "LoRAPreMuon":
-        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
 
     @torch.no_grad()
     def step(self, closure=None):
