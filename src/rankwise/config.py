@@ -73,7 +73,7 @@ def _field_types() -> dict[str, object]:
     return typing.get_type_hints(Config)
 
 
-def _parse_scalar(text: str):
+def parse_value(text: str):
     """Parse an override value the way a user means it: 1e-4 is a float, true a bool, [a,b] a list."""
     low = text.strip().lower()
     if low in ("true", "yes", "on"):
@@ -92,7 +92,7 @@ def _parse_scalar(text: str):
     return text
 
 
-def _coerce(name: str, value, hint):
+def coerce(name: str, value, hint):
     """Convert `value` to the declared type of field `name`, or raise ConfigError."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
@@ -104,7 +104,7 @@ def _coerce(name: str, value, hint):
             if option is type(None):
                 continue
             try:
-                return _coerce(name, value, option)
+                return coerce(name, value, option)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{name}: invalid value {value!r}")
@@ -130,14 +130,14 @@ def _coerce(name: str, value, hint):
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list, got {value!r}")
         (item,) = typing.get_args(hint)
-        return [_coerce(name, v, item) for v in value]
+        return [coerce(name, v, item) for v in value]
     if origin is tuple:
         if isinstance(value, str):
-            value = [_parse_scalar(v) for v in value.strip("()[]").split(",")]
+            value = [parse_value(v) for v in value.strip("()[]").split(",")]
         items = typing.get_args(hint)
         if not isinstance(value, (list, tuple)) or len(value) != len(items):
             raise ConfigError(f"{name} must have {len(items)} values, got {value!r}")
-        return tuple(_coerce(name, v, t) for v, t in zip(value, items))
+        return tuple(coerce(name, v, t) for v, t in zip(value, items))
     if origin is dict or hint is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
@@ -181,14 +181,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 raise ConfigError(f"{head!r} has no sub-keys (in {key!r})")
             raw.setdefault(head, {})
             raw[head] = dict(raw[head])
-            raw[head][sub] = _parse_scalar(text)
+            raw[head][sub] = parse_value(text)
         else:
-            raw[key] = _parse_scalar(text)
+            raw[key] = parse_value(text)
     values = {}
     for key, value in raw.items():
         if key not in hints:
             raise _unknown(key)
-        values[key] = _coerce(key, value, hints[key])
+        values[key] = coerce(key, value, hints[key])
     return Config(**values)
 
 

@@ -246,14 +246,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from rankwise.config import ConfigError, _parse_scalar  # the CLI's own value parsing
+    from rankwise.config import ConfigError, parse_value  # the CLI's own value parsing
 
     user = {}
     for item in args.overrides:
         if "=" not in item:
             raise ConfigError(f"expected key=value, got {item!r}")
         key, text = item.split("=", 1)
-        user[key.strip()] = _parse_scalar(text)
+        user[key.strip()] = parse_value(text)
     scale = SCALES[args.scale]
     if args.lrs:
         scale = {**scale, "tuned": {**scale["tuned"], "lrs": [float(x) for x in args.lrs.split(",") if x]}}

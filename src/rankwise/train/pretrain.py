@@ -29,7 +29,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from rankwise import runtime
-from rankwise.config import Config, ConfigError, _coerce, _parse_scalar
+from rankwise.config import Config, ConfigError, coerce, parse_value
 from rankwise.optim import get_optimizer, lora_pre_groups, optimizer_state_bytes
 from rankwise.train.checkpoint import atomic_dir, atomic_write_text
 from rankwise.train.metrics import MetricsLog
@@ -89,9 +89,9 @@ def parse_overrides(items: list[str], base: PretrainConfig | None = None) -> Pre
         if sub:
             if head != "optimizer_args":
                 raise ConfigError(f"{head!r} has no sub-keys (in {key!r})")
-            values[head] = {**values[head], sub: _parse_scalar(text)}
+            values[head] = {**values[head], sub: parse_value(text)}
         else:
-            values[head] = _coerce(head, _parse_scalar(text), hints[head])
+            values[head] = coerce(head, parse_value(text), hints[head])
     cfg = PretrainConfig(**values)
     check(cfg)
     return cfg
