@@ -54,6 +54,10 @@ class Config:
     precision: str = "bf16"  # bf16 = bf16 autocast with fp32 weights and optimizer state; fp32
     device: str = "auto"  # auto (cuda when present, else cpu) | cpu | cuda
     threads: int = 0  # torch CPU threads; 0 = leave torch's default
+    # scale-out (torch.distributed under torchrun): batch_size is per process, so the global batch is
+    # batch_size x grad_accum x processes; see rankwise.train.dist
+    nproc: int = 1  # processes on this machine; > 1 re-launches the command under torchrun
+    parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 fully_shard: weights, grads, state sharded)
     count_flops: bool = True  # measure FLOPs per step with torch.utils.flop_counter
     sample: bool = True  # print a before/after generation for one held-out function
     out: str = "runs/default"

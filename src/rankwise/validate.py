@@ -9,6 +9,7 @@ from rankwise.methods import get_method
 from rankwise.models import check_model
 from rankwise.optim import get_optimizer
 from rankwise.hooks import check_hooks
+from rankwise.train.dist import check_parallel
 from rankwise.train.schedule import SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")
@@ -34,6 +35,7 @@ def validate(cfg: Config) -> None:
     get_method(cfg.method).check(cfg)
     get_optimizer(cfg.optimizer).check(cfg)
     check_hooks(cfg)
+    check_parallel(cfg)
     check_model(cfg.model)
     check_data(cfg.data)
     _check_out(cfg)

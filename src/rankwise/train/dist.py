@@ -1,0 +1,142 @@
+"""Scale-out on torch.distributed: one process per device, started by torchrun.
+
+    torchrun --nproc_per_node N -m rankwise train ...    or    rankwise train nproc=N ...
+
+`rankwise train nproc=N` re-launches itself under torchrun (`python -m torch.distributed.run`); there
+is no launcher of our own.
+
+    ddp   every process holds the whole model; DistributedDataParallel all-reduces the gradients.
+    fsdp  FSDP2 (`fully_shard`) per decoder layer and at the root: weights, gradients and optimizer
+          state are sharded, gathered layer by layer for compute.
+
+Data: every optimizer step draws `batch_size x world` examples per micro-batch from one seeded stream
+and process r keeps slice r, so N processes see exactly what one process with batch_size x N sees.
+The loss is the token-weighted mean over the whole global batch (counts are all-reduced first), so an
+N-process run follows the 1-process run with the same global batch. Only rank 0 writes; every decision
+(Fast Forward, NaN stop, signals) is taken from all-reduced numbers, so all ranks agree.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from rankwise.config import Config, ConfigError
+
+PARALLEL = ("ddp", "fsdp")
+# FSDP2 shards parameters into DTensors; these are the methods and optimizers tested on them
+FSDP_METHODS = ("lora", "dora", "ffba", "full", "lora-fa")
+FSDP_OPTIMIZERS = ("adamw",)
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    parallel: str = "ddp"
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def sharded(self) -> bool:
+        return self.size > 1 and self.parallel == "fsdp"
+
+
+def under_torchrun() -> bool:
+    return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
+
+
+def check_parallel(cfg: Config) -> None:
+    """Refuse a scale-out setting that cannot work, before any weights load."""
+    if cfg.parallel not in PARALLEL:
+        raise ConfigError(f"unknown parallel {cfg.parallel!r}; choose one of: {', '.join(PARALLEL)}")
+    if cfg.nproc < 1:
+        raise ConfigError(f"nproc must be >= 1, got {cfg.nproc}")
+    if cfg.parallel == "fsdp":
+        if cfg.method not in FSDP_METHODS:
+            raise ConfigError(f"parallel=fsdp supports methods {', '.join(FSDP_METHODS)}, not {cfg.method!r}; "
+                              f"use parallel=ddp")
+        if cfg.optimizer not in FSDP_OPTIMIZERS:
+            raise ConfigError(f"parallel=fsdp supports optimizer {', '.join(FSDP_OPTIMIZERS)}, not "
+                              f"{cfg.optimizer!r} (it works on whole matrices); use parallel=ddp")
+    if under_torchrun():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+        if cfg.nproc > 1 and cfg.nproc != local:
+            raise ConfigError(f"nproc={cfg.nproc} but torchrun started {local} processes per node; "
+                              f"drop nproc= under torchrun")
+    elif cfg.nproc > 1 and cfg.device.startswith("cuda") and torch.cuda.device_count() < cfg.nproc:
+        raise ConfigError(f"nproc={cfg.nproc} but only {torch.cuda.device_count()} CUDA devices are visible")
+
+
+def relaunch(argv: list[str], nproc: int) -> int:
+    """Run `rankwise <argv>` as `nproc` processes under torchrun on this machine; its exit code."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "rankwise", *argv]
+    return subprocess.call(command)
+
+
+def init(cfg: Config) -> World:
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a 1-process World otherwise."""
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        return World(parallel=cfg.parallel)
+    local_rank = int(os.environ["LOCAL_RANK"])
+    cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=local_rank, parallel=cfg.parallel)
+
+
+def device_for(world: World, device: torch.device) -> torch.device:
+    return torch.device("cuda", world.local_rank) if device.type == "cuda" else device
+
+
+def sum_all(world: World, *values: float) -> list[float]:
+    """Sum numbers over ranks (one all-reduce); identity in a single process."""
+    if world.size == 1:
+        return list(values)
+    backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=backend_device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def any_all(world: World, flag: bool) -> bool:
+    """True on every rank when it is true on any (e.g. one rank got SIGTERM)."""
+    return sum_all(world, float(flag))[0] > 0
+
+
+def barrier(world: World) -> None:
+    if world.size > 1:
+        dist.barrier()
+
+
+def gather_objects(world: World, obj) -> list:
+    """Every rank's `obj`, in rank order (on every rank)."""
+    if world.size == 1:
+        return [obj]
+    out = [None] * world.size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(world: World, obj):
+    """Rank 0's `obj` on every rank."""
+    if world.size == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def shutdown(world: World) -> None:
+    if world.size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
