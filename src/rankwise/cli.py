@@ -29,6 +29,10 @@ def cmd_train(ns) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print("config ok")
         return 0
+    from rankwise.train import dist
+
+    if cfg.nproc > 1 and not dist.under_torchrun():
+        return dist.relaunch(["train", *ns.args], cfg.nproc)
     from rankwise.train.recipe import train
 
     summary = train(cfg)

@@ -30,7 +30,7 @@ def _rankwise_run(cfg, batches) -> list[float]:
 
     run = build_run(cfg, say=lambda *_: None)
     feed = iter(batches)
-    run.batch = lambda indices: next(feed)  # same tensors as the Trainer side, in the same order
+    run.micro_batch = lambda: next(feed)  # same tensors as the Trainer side, in the same order
     times = []
     for _ in range(len(batches)):
         times.append(train_step(run)["seconds"])

@@ -15,6 +15,7 @@ class RunContext(Protocol):
 
     cfg: Config
     model: object
+    scorer: object  # what to call for losses: token_loss_sum(scorer, batch) (goes through FSDP's hooks)
     optimizer: object
     step: int  # optimizer steps taken so far
 

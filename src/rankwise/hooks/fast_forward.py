@@ -32,7 +32,7 @@ class FastForwardHook(StepHook):
 
         def tiny_loss():
             with run.flops.measure():
-                value = tiny_loss_sum(run.model, batches, run.autocast)
+                value = tiny_loss_sum(run.scorer, batches, run.autocast)
             self._eval_flops += run.flops.last
             if self.options.eval_cost is None and self._step_flops > 0:  # measured: one evaluation in steps
                 self.ff.eval_cost = run.flops.last / self._step_flops

@@ -6,6 +6,7 @@ Layout of a run directory:
     latest       one line: the newest complete checkpoint, relative to the run directory
 A checkpoint directory exists under its final name only once every file in it is complete, and
 `latest` is replaced atomically, so a kill at any moment leaves the previous checkpoint usable.
+A full disk is reported as an OSError whichever library was writing when it filled.
 """
 from __future__ import annotations
 
@@ -24,16 +25,35 @@ ADAPTER = "adapter"
 LATEST = "latest"
 
 
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
+def probe_write(directory: Path, nbytes: int = 1 << 16) -> None:
+    """Raise OSError unless `nbytes` can be written and fsynced to a new file in `directory`.
+
+    Only a real write tells: root ignores permission bits, and a full disk shows no other way."""
+    fd, name = tempfile.mkstemp(dir=directory, prefix=".write-probe.")
+    try:
+        data = memoryview(bytes(nbytes))
+        while data:
+            data = data[os.write(fd, data):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
+def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -55,17 +75,22 @@ def atomic_dir(final: Path):
     """Yield a temporary sibling of `final` to fill; on success it is fsynced and renamed to `final`
     (replacing an older one), on any exception it is removed: `final` is always complete or absent."""
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}."))
+    old = final.parent / f".old-{final.name}"  # a replaced `final` waits here between the two renames
     try:
         yield tmp
         _fsync_tree(tmp)
         if final.exists():
-            old = final.parent / f".old-{final.name}"
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-            tmp.rename(final)
+            try:
+                tmp.rename(final)
+            except BaseException:
+                old.rename(final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             tmp.rename(final)
+        _fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -76,17 +101,37 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: 
 
     `write_adapter(path)` writes the method's artifact into an existing empty directory.
     """
-    root = run_dir / "checkpoints"
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step:06d}"
     with atomic_dir(final) as tmp:
-        (tmp / ADAPTER).mkdir()
-        write_adapter(tmp / ADAPTER)
-        torch.save(state, tmp / STATE)
-        (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        try:
+            (tmp / ADAPTER).mkdir()
+            write_adapter(tmp / ADAPTER)
+            with open(tmp / STATE, "wb") as f:  # a file object: a short write raises OSError, not torch's own
+                torch.save(state, f)
+            (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
+        except Exception as e:
+            _raise_if_unwritable(tmp, e)
+            raise
     atomic_write_text(run_dir / LATEST, str(final.relative_to(run_dir)) + "\n")
     _prune(root, keep, final)
     return final
+
+
+def _raise_if_unwritable(directory: Path, error: Exception) -> None:
+    """Turn a writer's failure into an OSError when the disk is at fault: safetensors and torch report a
+    full disk as their own exception types, which callers could not tell from a bug."""
+    if isinstance(error, OSError):
+        return
+    try:
+        probe_write(directory, 4096)
+    except OSError as disk:
+        raise OSError(disk.errno, f"{disk.strerror} (while writing: {error})") from error
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -94,7 +139,7 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     for old in done[:-keep] if keep > 0 else []:
         if old != newest:
             shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):  # temporaries of interrupted saves
+    for stale in [*root.glob(".step-*"), *root.glob(".old-step-*")]:  # left by interrupted saves
         shutil.rmtree(stale, ignore_errors=True)
 
 
@@ -103,9 +148,15 @@ def resolve(resume: str, run_dir: Path) -> Path:
     path = run_dir if resume == "latest" else Path(resume)
     if (path / LATEST).is_file():
         path = path / (path / LATEST).read_text().strip()
-    if not (path / META).is_file() or not (path / STATE).is_file():
+        if not path.exists() and _complete(path.parent / f".old-{path.name}"):
+            path = path.parent / f".old-{path.name}"  # killed between the two renames of a re-save
+    if not _complete(path):
         raise FileNotFoundError(f"no complete checkpoint at {path}")
     return path
+
+
+def _complete(path: Path) -> bool:
+    return (path / META).is_file() and (path / STATE).is_file() and (path / ADAPTER).is_dir()
 
 
 def read_meta(ckpt: Path) -> dict:

@@ -17,7 +17,9 @@ N-process run follows the 1-process run with the same global batch. Only rank 0 
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -76,10 +78,20 @@ def check_parallel(cfg: Config) -> None:
 
 
 def relaunch(argv: list[str], nproc: int) -> int:
-    """Run `rankwise <argv>` as `nproc` processes under torchrun on this machine; its exit code."""
+    """Run `rankwise <argv>` as `nproc` processes under torchrun on this machine; its exit code.
+
+    SIGTERM is passed on to torchrun (which passes it to every rank: each saves and stops). Ctrl-C
+    reaches the whole process group from the terminal already, so it is not sent twice."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                "-m", "rankwise", *argv]
-    return subprocess.call(command)
+    child = subprocess.Popen(command)
+    previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signum)),
+                signal.SIGINT: signal.signal(signal.SIGINT, signal.SIG_IGN)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def init(cfg: Config) -> World:
@@ -140,3 +152,113 @@ def broadcast_object(world: World, obj):
 def shutdown(world: World) -> None:
     if world.size > 1 and dist.is_initialized():
         dist.destroy_process_group()
+
+
+# ---- wrapping and saving the model ------------------------------------------------------------------
+def parallelize(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls for losses: TokenLoss(model), under DDP or FSDP2 when world.size > 1.
+
+    FSDP2 shards each decoder layer, then the root (embeddings, final norm, head); call before
+    building the optimizer, which must see the sharded parameters."""
+    from rankwise.train.loss import TokenLoss
+
+    engine = TokenLoss(model)
+    if world.size == 1:
+        return engine
+    if world.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in _decoder_layers(model):
+            fully_shard(layer)
+        return fully_shard(engine)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(engine, device_ids=ids)
+
+
+def _decoder_layers(model) -> list[torch.nn.Module]:
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ValueError("parallel=fsdp needs a decoder with `.layers` (Llama-like models)")
+    return list(layers)
+
+
+def unwrap(engine: torch.nn.Module) -> torch.nn.Module:
+    """The TokenLoss inside DDP (which adds collectives to every forward); FSDP's must be called as is."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return engine.module if isinstance(engine, DistributedDataParallel) else engine
+
+
+@contextlib.contextmanager
+def grad_sync(engine: torch.nn.Module, world: World, sync: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulated step."""
+    if world.size == 1 or sync:
+        yield
+    elif world.sharded:
+        engine.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            engine.set_requires_gradient_sync(True)
+    else:
+        with engine.no_sync():
+            yield
+
+
+def scalar(value) -> float:
+    """A float from a tensor that may be a DTensor (FSDP's gradient norm)."""
+    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
+
+
+@contextlib.contextmanager
+def full_weights(world: World, model: torch.nn.Module):
+    """Inside, rank 0's `model` holds plain full tensors where FSDP keeps shards, so a method's own
+    `save` works unchanged; every rank must enter (the gathers are collectives)."""
+    if not world.sharded:
+        yield
+        return
+    from torch.distributed.tensor import DTensor
+
+    full, swapped = {}, []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if isinstance(p, DTensor):
+                if id(p) not in full:  # tied weights: one gather, one tensor
+                    full[id(p)] = torch.nn.Parameter(p.full_tensor().detach(), requires_grad=p.requires_grad)
+                if world.main:
+                    swapped.append((module, name, p))
+                    module._parameters[name] = full[id(p)]
+    try:
+        yield
+    finally:
+        for module, name, p in swapped:
+            module._parameters[name] = p
+
+
+def optimizer_state(world: World, engine, optimizer) -> dict:
+    """The optimizer's state to save: torch's own, or (FSDP) full tensors keyed by parameter name."""
+    if not world.sharded:
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(engine, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                                                cpu_offload=True))
+    return {FQN_FORMAT: full}
+
+
+def load_optimizer_state(world: World, engine, optimizer, state: dict) -> None:
+    if FQN_FORMAT not in state:
+        if world.sharded:
+            raise ValueError("this checkpoint was not written under parallel=fsdp; resume it with parallel=ddp")
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(engine, optimizer, optim_state_dict=state[FQN_FORMAT],
+                             options=StateDictOptions(full_state_dict=True))
+
+
+FQN_FORMAT = "full_state_by_name"

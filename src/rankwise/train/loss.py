@@ -20,8 +20,29 @@ def _split_head(model):
     return (decoder, head) if plain and softcap is None else (None, None)
 
 
+class TokenLoss(torch.nn.Module):
+    """The model with its loss as `forward`: the module DDP and FSDP wrap, so every forward (training,
+    evaluation, Fast Forward's tiny set) goes through their hooks."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, labels):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return token_loss_sum(self.model, batch)
+
+
+def _wraps_token_loss(model) -> bool:
+    return isinstance(model, TokenLoss) or isinstance(getattr(model, "module", None), TokenLoss)
+
+
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over labelled positions, and their count."""
+    """Sum of next-token cross-entropy over labelled positions, and their count.
+
+    `model` is a causal LM or a (DDP/FSDP-wrapped) TokenLoss around one."""
+    if _wraps_token_loss(model):
+        return model(**batch)
     labels = batch["labels"][:, 1:]
     keep = labels != IGNORE
     decoder, head = _split_head(model)

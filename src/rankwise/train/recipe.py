@@ -1,9 +1,11 @@
 """The training recipe: read top to bottom, it is the whole loop.
 
-    validate -> load data and model -> apply method -> optimizer, schedule, hooks -> (resume)
+    validate -> join the process group -> load data and model -> apply method -> wrap (DDP / FSDP2)
+    -> optimizer, schedule, hooks -> (resume)
     -> for each step: micro-batches, backward, clip, step, hooks, eval, checkpoint -> save, plot
 
-Methods, optimizers and hooks come from registries; this file names none of them.
+Methods, optimizers and hooks come from registries; this file names none of them. Under torchrun every
+rank runs this same loop on its slice of each batch (rankwise.train.dist); only rank 0 writes.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from rankwise.methods import get_method
 from rankwise.models import load_model, load_tokenizer
 from rankwise.optim import get_optimizer, trainable_parameters
 from rankwise.train import checkpoint as ckpt
+from rankwise.train import dist
 from rankwise.train.flops import FlopMeter
 from rankwise.hooks import build_hooks
 from rankwise.train.loss import mean_loss, token_loss_sum
@@ -36,6 +39,10 @@ from rankwise.validate import validate
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (e.g. disk full); the previous one is intact."""
 
 
 @dataclass
@@ -55,6 +62,8 @@ class Run:
     autocast: object
     device: torch.device
     log_file: MetricsLog
+    engine: torch.nn.Module  # TokenLoss(model), under DDP or FSDP2 when world.size > 1
+    world: dist.World = field(default_factory=dist.World)
     hooks: list = field(default_factory=list)
     flops: FlopMeter = field(default_factory=FlopMeter)
     step: int = 0
@@ -72,48 +81,76 @@ class Run:
         """Mean loss on the tiny held-out set; its FLOPs and seconds are charged to the run."""
         start = time.perf_counter()
         with self.flops.measure():
-            value = mean_loss(self.model, self.tiny_batches, self.autocast)
+            value = mean_loss(self.scorer, self.tiny_batches, self.autocast)
         self.add_cost(self.flops.last, time.perf_counter() - start)
         return value
 
+    @property
+    def scorer(self) -> torch.nn.Module:
+        """What evaluations call: the loss module without DDP's per-forward collectives."""
+        return dist.unwrap(self.engine)
+
     def add_cost(self, flops: float, seconds: float) -> None:
-        self.cum_flops += flops
+        """Charge work done on every rank: FLOPs add up over ranks, seconds are wall time."""
+        self.cum_flops += flops * self.world.size
         self.cum_seconds += seconds
 
     def log(self, record: dict) -> None:
+        if not self.world.main:
+            return
         self.log_file.write({"step": self.step, "cum_flops": self.cum_flops, "cum_seconds": self.cum_seconds,
                              **record})
 
     # ---- the loop's own pieces ----------------------------------------------------------------
-    def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
+    def micro_batch(self) -> dict[str, torch.Tensor]:
+        """This rank's slice of the next global micro-batch (batch_size x world examples)."""
+        size, world = self.cfg.batch_size, self.world
+        indices = self.stream.take(size * world.size)[world.rank * size:(world.rank + 1) * size]
         items = [self.train_items[i] for i in indices]
         return {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
 
     def test_loss(self) -> float:
-        return mean_loss(self.model, self.test_batches, self.autocast)
+        return mean_loss(self.scorer, self.test_batches, self.autocast)
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(),
+        """Every rank calls this (FSDP gathers); per-rank parts (RNG, hook state) are kept per rank."""
+        per_rank = {"rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks}}
+        return {"step": self.step, "world_size": self.world.size,
+                "optimizer": dist.optimizer_state(self.world, self.engine, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
-                "rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks},
+                **per_rank, "ranks": dist.gather_objects(self.world, per_rank),
                 "cum_flops": self.cum_flops, "cum_seconds": self.cum_seconds, "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.step = state["step"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        dist.load_optimizer_state(self.world, self.engine, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
+        ranks = state.get("ranks", [])
+        mine = ranks[self.world.rank] if len(ranks) == self.world.size else state  # else: rank 0's
         for hook in self.hooks:
-            hook.load_state_dict(state["hooks"].get(hook.name, {}))
+            hook.load_state_dict(mine["hooks"].get(hook.name, {}))
         self.cum_flops, self.cum_seconds = state["cum_flops"], state["cum_seconds"]
         self.tokens_seen = state["tokens_seen"]
-        runtime.set_rng_state(state["rng"])
+        runtime.set_rng_state(mine["rng"])
 
     def save(self) -> Path:
+        """Write a checkpoint (rank 0) that every rank helped gather; a failed write stops all ranks."""
         method = get_method(self.cfg.method)
-        meta = {"method": self.cfg.method, "model": self.cfg.model, "config": self.cfg.to_dict()}
-        return ckpt.save_checkpoint(self.out, self.step, lambda p: method.save(self.model, p),
-                                    self.state_dict(), meta)
+        meta = {"method": self.cfg.method, "model": self.cfg.model, "config": self.cfg.to_dict(),
+                "world_size": self.world.size}
+        state = self.state_dict()
+        error = None
+        with dist.full_weights(self.world, self.model):
+            if self.world.main:
+                try:
+                    ckpt.save_checkpoint(self.out, self.step, lambda p: method.save(self.model, p), state, meta)
+                except OSError as e:
+                    error = f"could not save the checkpoint at step {self.step} in {self.out}: {e}"
+        error = dist.broadcast_object(self.world, error)
+        if error is not None:
+            raise CheckpointError(f"{error} (the previous checkpoint is intact; free space and resume=latest)")
+        return ckpt.checkpoint_dir(self.out, self.step)
 
 
 def _batches(tok, examples: list[dict], cfg: Config, device) -> list[dict]:
@@ -126,19 +163,23 @@ def _batches(tok, examples: list[dict], cfg: Config, device) -> list[dict]:
 def build_run(cfg: Config, say=print) -> Run:
     """Everything up to the first step: data, model, method, optimizer, schedule, hooks, resume."""
     validate(cfg)
+    world = dist.init(cfg)
+    if not world.main:
+        say = _silent
     out = Path(cfg.out)
     resume_from = ckpt.resolve(cfg.resume, out) if cfg.resume else None
-    if cfg.overwrite and out.exists():
-        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png", "config.yaml"):
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
-    out.mkdir(parents=True, exist_ok=True)
-    _check_writable(out)
+    if world.main:
+        _prepare_out(cfg, out)
+    dist.barrier(world)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    # one seed on every rank: the same initial adapter, and the same draws in optimizers that sample
+    # (LoRA-Pre's factors); dropout masks repeat across ranks, as under HF Trainer
     runtime.seed_everything(cfg.seed)
-    device = runtime.pick_device(cfg.device)
+    device = dist.device_for(world, runtime.pick_device(cfg.device))
 
+    if not world.main:
+        hf_logging.disable_progress_bar()  # one set of bars, rank 0's
     tok = load_tokenizer(cfg.model)
     splits = load_splits(cfg.data)
     train_items = encode_all(tok, splits.train, cfg.max_length)
@@ -157,6 +198,11 @@ def build_run(cfg: Config, say=print) -> Run:
     n_train = sum(p.numel() for p in trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     say(f"model: {cfg.model} | method {cfg.method}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.2f}%)")
+    engine = dist.parallelize(model, world, device)  # before the optimizer: FSDP replaces the parameters
+    if world.size > 1:
+        say(f"world: {world.size} processes ({cfg.parallel}, {torch.distributed.get_backend()}) | global batch "
+            f"{cfg.batch_size} x {cfg.grad_accum} accum x {world.size} = "
+            f"{cfg.batch_size * cfg.grad_accum * world.size} sequences per step | lr {cfg.lr:g} (not scaled)")
 
     optimizer = get_optimizer(cfg.optimizer).build(model, cfg)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule)
@@ -167,13 +213,29 @@ def build_run(cfg: Config, say=print) -> Run:
               test_batches=_batches(tok, splits.test[:cfg.eval_examples], cfg, device),
               autocast=autocast, device=device, hooks=build_hooks(cfg), flops=FlopMeter(cfg.count_flops),
               log_file=MetricsLog(out / "metrics.jsonl",
-                                  truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"]))
+                                  truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"])
+              if world.main else None,
+              engine=engine, world=world)
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     if resume_from is not None:
         run.load_state_dict(torch.load(resume_from / ckpt.STATE, weights_only=False))
         say(f"resumed from {resume_from} at step {run.step}")
-    save_config(cfg, out / "config.yaml")
+    if world.main:
+        save_config(cfg, out / "config.yaml")
     return run
+
+
+def _silent(*_args, **_kwargs) -> None:
+    """`say` on ranks other than 0."""
+
+
+def _prepare_out(cfg: Config, out: Path) -> None:
+    if cfg.overwrite and out.exists():
+        for name in ("checkpoints", "latest", "metrics.jsonl", "loss.png", "config.yaml"):
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
 
 
 def _check_writable(out: Path) -> None:
@@ -187,19 +249,22 @@ def _check_writable(out: Path) -> None:
 
 
 def train_step(run: Run) -> dict:
-    """One optimizer step over grad_accum micro-batches; loss is the token-weighted mean."""
-    cfg = run.cfg
-    batches = [run.batch(run.stream.take(cfg.batch_size)) for _ in range(cfg.grad_accum)]
-    n_labelled = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
-    n_tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    """One optimizer step over grad_accum micro-batches; loss is the token-weighted mean over the global
+    batch (all ranks): counts are summed first, and DDP/FSDP average gradients, hence the x world."""
+    cfg, world = run.cfg, run.world
+    batches = [run.micro_batch() for _ in range(cfg.grad_accum)]
+    n_labelled, n_tokens = dist.sum_all(world, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
+                                        sum(int(b["attention_mask"].sum()) for b in batches))
     start = time.perf_counter()
     total = 0.0
     with run.flops.measure():
-        for b in batches:
-            with run.autocast():
-                loss_sum, _ = token_loss_sum(run.model, b)
-            (loss_sum / n_labelled).backward()
+        for i, b in enumerate(batches):
+            with dist.grad_sync(run.engine, world, sync=i == len(batches) - 1):
+                with run.autocast():
+                    loss_sum, _ = token_loss_sum(run.engine, b)
+                (loss_sum * world.size / n_labelled).backward()
             total += loss_sum.item()
+        (total,) = dist.sum_all(world, total)
         loss = total / n_labelled
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping (last good checkpoint "
@@ -208,14 +273,14 @@ def train_step(run: Run) -> dict:
         # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
         own_clip = getattr(run.optimizer, "clips_gradients", False)
         max_norm = cfg.clip if cfg.clip > 0 and not own_clip else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        grad_norm = dist.scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
         run.optimizer.step()
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     seconds = time.perf_counter() - start
     run.step += 1
-    run.tokens_seen += n_tokens
+    run.tokens_seen += int(n_tokens)
     run.add_cost(run.flops.last, seconds)
     record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
               "tok_s": n_tokens / seconds, "flops": run.flops.last, "seconds": seconds}
@@ -250,14 +315,18 @@ def train(cfg: Config, say=print) -> dict:
     """Run the recipe; returns a summary (final held-out loss, steps, costs, output paths)."""
     run = build_run(cfg, say)
     try:
-        return _loop(run, say)
+        return _loop(run, say if run.world.main else _silent)
     finally:
-        run.log_file.close()
+        if run.log_file is not None:
+            run.log_file.close()
+        dist.shutdown(run.world)
 
 
 def _sample(run: Run, label: str, say) -> str:
     from rankwise.generate import generate
 
+    if not run.world.main or run.world.sharded:  # FSDP's shards only generate together; skip there
+        return ""
     messages = run.held_out_example["messages"][:-1]
     text = generate(run.model, run.tokenizer, messages, max_new_tokens=48, autocast=run.autocast)
     say(f"--- {label} ---\n{text}")
@@ -275,13 +344,16 @@ def _loop(run: Run, say) -> dict:
         run.log({"kind": "eval", "eval_loss": run.test_loss()})
     for hook in run.hooks:
         hook.on_train_start(run)
-    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
+               disable=not run.world.main)
     last = None
     with _StopOnSignal(run):
         while run.step < cfg.steps and run.stop_reason is None:
             last = train_step(run)
             for hook in run.hooks:
                 hook.after_step(run)
+            if dist.any_all(run.world, run.stop_reason is not None):  # one rank signalled: all stop here
+                run.stop_reason = run.stop_reason or "a signal to another rank"
             bar.update(1)
             bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tok_s']:.0f}")
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
@@ -298,12 +370,14 @@ def _loop(run: Run, say) -> dict:
         return {"stopped": run.stop_reason, "step": run.step, "checkpoint": str(saved)}
     final_loss = run.test_loss()
     run.log({"kind": "eval", "eval_loss": final_loss})
-    records = read_metrics(run.out / "metrics.jsonl")
-    evals = [r["eval_loss"] for r in records if r.get("kind") == "eval"]
-    plot_losses(records, run.out / "loss.png", title=f"{cfg.method} on {cfg.data}")
-    say(f"held-out loss: {evals[0]:.4f} -> {final_loss:.4f} | {run.cum_flops / 1e12:.2f} TFLOPs, "
-        f"{run.cum_seconds:.0f} s of training | adapter: {saved / ckpt.ADAPTER}")
+    first_loss = None
+    if run.world.main:
+        records = read_metrics(run.out / "metrics.jsonl")
+        first_loss = next(r["eval_loss"] for r in records if r.get("kind") == "eval")
+        plot_losses(records, run.out / "loss.png", title=f"{cfg.method} on {cfg.data}")
+        say(f"held-out loss: {first_loss:.4f} -> {final_loss:.4f} | {run.cum_flops / 1e12:.2f} TFLOPs, "
+            f"{run.cum_seconds:.0f} s of training | adapter: {saved / ckpt.ADAPTER}")
     if cfg.sample:
         _sample(run, "after training", say)
-    return {"step": run.step, "eval_loss_start": evals[0], "eval_loss": final_loss, "checkpoint": str(saved),
+    return {"step": run.step, "eval_loss_start": first_loss, "eval_loss": final_loss, "checkpoint": str(saved),
             "cum_flops": run.cum_flops, "cum_seconds": run.cum_seconds, "tokens_seen": run.tokens_seen}
