@@ -29,6 +29,13 @@ def test_yaml_then_overrides(tmp_path):
     (["rnak=4"], "did you mean 'rank'"),
     (["rank"], "expected key=value"),
     (["steps.x=1"], "has no sub-keys"),
+    (["max_length=nan"], "max_length must be an integer"),
+    (["steps=inf"], "steps must be an integer"),
+    (["lr=nan"], "lr must be a finite number"),
+    (["alpha=1e400"], "alpha must be a finite number"),
+    (["clip=" + "9" * 400], "clip must be a finite number"),
+    (["target_modules=[q_proj"], "target_modules: '\\[q_proj' is not a valid list"),
+    (["ff=0", "ff.interval=3"], "ff must be a mapping"),
 ])
 def test_parse_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -56,6 +63,19 @@ def test_missing_and_bad_yaml(tmp_path):
     ({"betas": (0.9, 1.5)}, "betas must lie in"),
     ({"hooks": ["nope"]}, "unknown hook"),
     ({"resume": "latest", "overwrite": True}, "contradict"),
+    ({"method_args": {"bias": "some"}}, "method_args.bias must be one of"),
+    ({"method_args": {"use_rslora": "yes please"}}, "use_rslora must be true or false"),
+    ({"method_args": {"init_lora_weights": 5}}, "init_lora_weights must be"),
+    ({"optimizer": "loft", "optimizer_args": {"eps": float("nan")}}, "eps must be a finite number"),
+    ({"method": "full", "optimizer": "lorapre", "optimizer_args": {"delta": 0}}, "delta must be a number > 0"),
+    ({"method": "full", "optimizer": "lorapre", "optimizer_args": {"eps": "tiny"}}, "eps must be a number"),
+    ({"method": "full", "optimizer": "lorapre", "optimizer_args": {"targets": [1]}}, "targets must be"),
+    ({"method": "full", "optimizer": "lorapre-muon", "optimizer_args": {"momentum": 1.0}}, "momentum must be"),
+    ({"method": "full", "optimizer": "lorapre-muon", "optimizer_args": {"ns_steps": 0}}, "ns_steps must be"),
+    ({"method": "full", "optimizer": "galore", "optimizer_args": {"update_proj_gap": 0}}, "update_proj_gap must"),
+    ({"method": "full", "optimizer": "galore", "optimizer_args": {"proj_type": "diag"}}, "proj_type must be"),
+    ({"method": "full", "optimizer": "galore", "optimizer_args": {"scale": "big"}}, "scale must be a number"),
+    ({"fast_forward": True, "ff": {"cap": 10**400}}, "ff.cap must be a number"),
 ])
 def test_validation_rejects_before_loading(monkeypatch, tiny_model_dir, tmp_path, overrides, message):
     def no_load(*a, **k):

@@ -4,7 +4,8 @@ import json
 import pytest
 from transformers import AutoTokenizer
 
-from rankwise.data import IGNORE, DataError, collate, encode, load_splits
+from rankwise.config import ConfigError
+from rankwise.data import IGNORE, DataError, check_data, collate, encode, load_splits
 from rankwise.data.sources import split
 from rankwise.data.stdlib_docstrings import extract
 
@@ -58,6 +59,7 @@ def test_jsonl_prompt_response_and_messages(tmp_path):
     ('{"question": "x"}', "d.jsonl:3: expected keys"),
     ('{"messages": [{"role": "user", "content": "x"}]}', "d.jsonl:3: 'messages' has no assistant turn"),
     ('[1, 2]', "d.jsonl:3: expected a JSON object"),
+    ('{"messages": [{"role": "assistant", "content": "x"}]}', "d.jsonl:3: 'messages' starts with an assistant"),
 ])
 def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     path = tmp_path / "d.jsonl"
@@ -65,6 +67,11 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     path.write_text(f"{good}\n{good}\n{line}\n")
     with pytest.raises(DataError, match=message):
         load_splits(str(path))
+
+
+def test_unusable_data_path_is_a_config_error():
+    with pytest.raises(ConfigError, match="dataset path cannot be used"):
+        check_data("x" * 300 + ".jsonl")  # longer than a file name may be
 
 
 def test_hf_datasets_directory(tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -92,7 +93,11 @@ def parse_value(text: str):
         except ValueError:
             pass
     if text.startswith(("[", "{")):
-        return yaml.safe_load(text)
+        try:
+            return yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            problem = getattr(e, "problem", None) or "YAML error"
+            raise ConfigError(f"{text!r} is not a valid list or mapping ({problem})") from None
     return text
 
 
@@ -117,13 +122,17 @@ def coerce(name: str, value, hint):
             return value
         raise ConfigError(f"{name} must be true or false, got {value!r}")
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+        whole = isinstance(value, int) or isinstance(value, float) and value.is_integer()  # nan, inf are not
+        if isinstance(value, bool) or not whole:
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return int(value)
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
-        return float(value)
+        number = float(value) if abs(value) < 1e308 else math.inf  # float() of a huge int overflows
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if hint is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name} must be a string, got {value!r}")
@@ -147,6 +156,13 @@ def coerce(name: str, value, hint):
             raise ConfigError(f"{name} must be a mapping, got {value!r}")
         return dict(value)
     return value
+
+
+def _parse(key: str, text: str):
+    try:
+        return parse_value(text)
+    except ConfigError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _unknown(key: str) -> ConfigError:
@@ -184,10 +200,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if head not in hints or typing.get_origin(hints[head]) is not dict and hints[head] is not dict:
                 raise ConfigError(f"{head!r} has no sub-keys (in {key!r})")
             raw.setdefault(head, {})
+            if not isinstance(raw[head], dict):
+                raise ConfigError(f"{head} must be a mapping, got {raw[head]!r} (before {key!r})")
             raw[head] = dict(raw[head])
-            raw[head][sub] = parse_value(text)
+            raw[head][sub] = _parse(key, text)
         else:
-            raw[key] = parse_value(text)
+            raw[key] = _parse(key, text)
     values = {}
     for key, value in raw.items():
         if key not in hints:

@@ -33,7 +33,11 @@ def check_data(data: str) -> None:
     if data in BUILTIN:
         return
     path = Path(data)
-    if not path.exists():
+    try:
+        found = path.exists()
+    except OSError as e:  # e.g. a name longer than the file system allows
+        raise ConfigError(f"dataset path cannot be used: {data} ({e.strerror})") from None
+    if not found:
         raise ConfigError(f"dataset not found: {data} (use {BUILTIN_DATA!r}, a .jsonl file or a datasets directory)")
     if path.is_file() and path.suffix not in (".jsonl", ".json"):
         raise ConfigError(f"dataset file must be .jsonl, got {data}")
@@ -52,6 +56,8 @@ def as_chat(row: object, where: str) -> dict:
             raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
         if not any(m["role"] == "assistant" for m in msgs):
             raise DataError(f"{where}: 'messages' has no assistant turn to learn from")
+        if msgs[0]["role"] == "assistant":  # the chat template cannot render the empty prompt before it
+            raise DataError(f"{where}: 'messages' starts with an assistant turn; put the prompt before it")
         return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
     if "prompt" in row and "response" in row:
         if not isinstance(row["prompt"], str) or not isinstance(row["response"], str):

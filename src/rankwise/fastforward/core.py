@@ -22,6 +22,7 @@ shrinks FF moves along with SGD moves.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import asdict, dataclass, fields
 from typing import Callable
 
@@ -67,8 +68,8 @@ def check_options(values: dict) -> None:
     def integer(v):
         return isinstance(v, int) and not isinstance(v, bool)
 
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    def number(v):  # finite as a float: nan, inf and ints too big for a float fail
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
 
     v = values
     for key in ("interval", "tiny_examples", "max_interval"):
@@ -209,7 +210,7 @@ class FastForward:
     # ---- exact resume ---------------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"step": self.step, "interval": self.interval, "next_stage": self.next_stage,
-                "snapshot": None if self.snapshot is None else [t.detach().cpu().clone() for t in self.snapshot],
+                "snapshot": None if self.snapshot is None else [_local(t).cpu().clone() for t in self.snapshot],
                 "snapshot_step": self.snapshot_step, "stages": self.stages, "empty_stages": self.empty_stages,
                 "evals": self.evals, "ff_steps": self.ff_steps, "last_accepted": self.last_accepted,
                 "eval_cost": self.eval_cost,
@@ -221,4 +222,20 @@ class FastForward:
             setattr(self, key, state[key])
         snap = state["snapshot"]
         self.snapshot = None if snap is None else [
-            s.to(device=p.device, dtype=p.dtype).clone() for s, p in zip(snap, self.params)]
+            _like(s, p) for s, p in zip(snap, self.params)]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `t`: the local shard of an FSDP DTensor (state is saved per rank)."""
+    return (t.to_local() if hasattr(t, "to_local") else t).detach()
+
+
+def _like(saved: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """`saved` (a local shard or a whole tensor) as a tensor like parameter `p`, sharded if `p` is."""
+    saved = saved.to(device=p.device, dtype=p.dtype).clone()
+    if hasattr(p, "device_mesh"):
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(saved, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+    return saved

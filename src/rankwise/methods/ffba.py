@@ -33,9 +33,9 @@ def check_model_dir(name: str) -> None:
     if name == DEFAULT_MODEL:
         return  # the embedded SmolLM2 is a Llama
     config = Path(name) / "config.json"
-    if not config.is_file():
-        return  # the model check reports a missing directory or config itself
     try:
+        if not config.is_file():
+            return  # the model check reports a missing directory or config itself
         raw = json.loads(config.read_text())
     except (OSError, json.JSONDecodeError):
         return

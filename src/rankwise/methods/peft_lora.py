@@ -6,6 +6,8 @@ from pathlib import Path
 from rankwise.config import Config, ConfigError
 from rankwise.methods import Method, check_low_rank, register
 
+BIASES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
+
 
 class PeftLora(Method):
     mergeable = True
@@ -16,9 +18,17 @@ class PeftLora(Method):
 
     def check(self, cfg: Config) -> None:
         check_low_rank(cfg)
-        unknown = set(cfg.method_args) - {"init_lora_weights", "use_rslora", "bias"}
+        args = cfg.method_args
+        unknown = set(args) - {"init_lora_weights", "use_rslora", "bias"}
         if unknown:
             raise ConfigError(f"method {self.name!r} does not take method_args {sorted(unknown)}")
+        if args.get("bias", "none") not in BIASES:
+            raise ConfigError(f"method_args.bias must be one of {', '.join(BIASES)}, got {args['bias']!r}")
+        if not isinstance(args.get("use_rslora", False), bool):
+            raise ConfigError(f"method_args.use_rslora must be true or false, got {args['use_rslora']!r}")
+        if not isinstance(args.get("init_lora_weights", True), (bool, str)):  # PEFT checks the names
+            raise ConfigError(f"method_args.init_lora_weights must be true, false or a PEFT init name, "
+                              f"got {args['init_lora_weights']!r}")
 
     def lora_config(self, cfg: Config):
         from peft import LoraConfig

@@ -17,6 +17,7 @@ from rankwise.optim import register
 from rankwise.optim.lora_pre import check_full_rank_optimizer, lora_pre_groups
 
 GALORE_ARGS = {"rank", "update_proj_gap", "scale", "proj_type", "targets"}
+PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")  # galore_torch's GaLoreProjector
 
 
 @functools.cache
@@ -38,6 +39,12 @@ def galore_adamw_class():
 
 def _check(cfg: Config) -> None:
     check_full_rank_optimizer(cfg, "galore", GALORE_ARGS)
+    args = cfg.optimizer_args
+    gap = args.get("update_proj_gap", 200)
+    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
+        raise ConfigError(f"optimizer_args.update_proj_gap must be an integer >= 1, got {gap!r}")
+    if args.get("proj_type", "std") not in PROJ_TYPES:
+        raise ConfigError(f"optimizer_args.proj_type must be one of {', '.join(PROJ_TYPES)}, got {args['proj_type']!r}")
     if importlib.util.find_spec("galore_torch") is None:
         raise ConfigError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
 

@@ -16,6 +16,7 @@ L = s·B and R = A; for A, L = Aᵀ and R = (s·B)ᵀ. State of A is therefore k
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -218,8 +219,9 @@ def _check(cfg: Config) -> None:
             continue
         if kind is bool and not isinstance(value, bool):
             raise ConfigError(f"optimizer_args.{key} must be true or false, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
-            raise ConfigError(f"optimizer_args.{key} must be a number >= 0, got {value!r}")
+        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not 0 <= value <= sys.float_info.max):  # nan and inf fail too
+            raise ConfigError(f"optimizer_args.{key} must be a finite number >= 0, got {value!r}")
     if cfg.method not in LORA_METHODS:
         raise ConfigError(f"optimizer 'loft' needs LoRA factors (method in {list(LORA_METHODS)}), "
                           f"got method={cfg.method!r}")

@@ -14,6 +14,7 @@ leaves embeddings, head and norms to plain AdamW; `param_groups` with rank=0 are
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -233,7 +234,32 @@ def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
     rank = cfg.optimizer_args.get("rank", cfg.rank)
     if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
         raise ConfigError(f"optimizer {name!r} needs a positive integer rank, got {rank!r}")
+    for key, (ok, what) in ARG_RULES.items():
+        if key in cfg.optimizer_args and not ok(cfg.optimizer_args[key]):
+            raise ConfigError(f"optimizer_args.{key} must be {what}, got {cfg.optimizer_args[key]!r}")
     return rank
+
+
+def _number(v) -> bool:
+    """A finite float, or an int that fits one (bool excluded)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
+
+
+def _targets(v) -> bool:
+    return v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v)
+
+
+# the optimizers' own arguments, checked here so a bad one is refused before any weights load
+ARG_RULES = {
+    "delta": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "eps": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "scale": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "init_std": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "nesterov": (lambda v: isinstance(v, bool), "true or false"),
+    "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "targets": (_targets, "all-linear, comma-separated name fragments or a list of them"),
+}
 
 
 def _build_adam(model, cfg: Config) -> LoRAPreAdam:
