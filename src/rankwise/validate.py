@@ -57,3 +57,14 @@ def _check_out(cfg: Config) -> None:
         where = out if cfg.resume == "latest" else Path(cfg.resume)
         if not where.exists():
             raise ConfigError(f"nothing to resume at {where}")
+    from rankwise.train.checkpoint import probe_write
+
+    # write a probe in out, or in the nearest folder that would hold it: a full disk or a read-only place
+    # is found now, not after the weights load (and root passes every permission check but this one)
+    here = next(p for p in (out.absolute(), *out.absolute().parents) if p.exists())
+    if not here.is_dir():
+        raise ConfigError(f"out={cfg.out} cannot be created: {here} is not a directory")
+    try:
+        probe_write(here)
+    except OSError as e:
+        raise ConfigError(f"out={cfg.out} is not writable: {e.strerror or e} (in {here})") from None

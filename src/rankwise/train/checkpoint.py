@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -108,8 +109,7 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: 
         try:
             (tmp / ADAPTER).mkdir()
             write_adapter(tmp / ADAPTER)
-            with open(tmp / STATE, "wb") as f:  # a file object: a short write raises OSError, not torch's own
-                torch.save(state, f)
+            torch.save(state, tmp / STATE)
             (tmp / META).write_text(json.dumps({**meta, "step": step}, indent=2))
         except Exception as e:
             _raise_if_unwritable(tmp, e)
@@ -120,11 +120,14 @@ def save_checkpoint(run_dir: Path, step: int, write_adapter, state: dict, meta: 
 
 
 def _raise_if_unwritable(directory: Path, error: Exception) -> None:
-    """Turn a writer's failure into an OSError when the disk is at fault: safetensors and torch report a
-    full disk as their own exception types, which callers could not tell from a bug."""
+    """Re-raise a writer's failure as OSError when the disk is at fault: safetensors (Rust) and torch
+    report a full disk as their own exception types, which callers could not tell from a bug."""
     if isinstance(error, OSError):
         return
-    try:
+    code = re.search(r"\(os error (\d+)\)", str(error))  # how Rust's io::Error names the errno
+    if code:
+        raise OSError(int(code[1]), f"{os.strerror(int(code[1]))} (while writing: {error})") from error
+    try:  # a writer that left its partial file behind: is the disk still refusing?
         probe_write(directory, 4096)
     except OSError as disk:
         raise OSError(disk.errno, f"{disk.strerror} (while writing: {error})") from error

@@ -1,27 +1,42 @@
-"""The run's record: one JSON object per line, appended and flushed as it happens, and a plot at the end."""
+"""The run's record: one JSON object per line, appended as it happens, and a plot at the end.
+
+Each record goes to the file in one unbuffered write, so a killed run leaves whole lines (at worst one
+cut-off last line, which readers skip); a write that fails (full disk) is undone and raised as OSError.
+"""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+from rankwise.train.checkpoint import atomic_write_text
 
 
 class MetricsLog:
     """Append-only JSONL log. Each record has a "kind": train, eval, or whatever a hook logs."""
 
     def __init__(self, path: Path, truncate_after_step: int | None = None):
-        self.path = path
-        if truncate_after_step is not None and path.exists():
-            # on resume, forget what the interrupted run logged after its checkpoint
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= truncate_after_step]
-            path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        self._file = path.open("a")
+        self.path = Path(path)
+        if truncate_after_step is not None and self.path.exists():
+            # on resume, forget what the interrupted run logged after its checkpoint (swapped in whole)
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
+            atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
     def write(self, record: dict) -> None:
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        data = memoryview((json.dumps(record) + "\n").encode())
+        size = os.fstat(self._fd).st_size
+        try:
+            while data:
+                data = data[os.write(self._fd, data):]
+        except OSError as e:
+            os.ftruncate(self._fd, size)  # no half line: the log stays valid JSONL
+            raise OSError(e.errno, f"could not append to {self.path}: {e.strerror}") from None
 
     def close(self) -> None:
-        self._file.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 def read_metrics(path: Path) -> list[dict]:
