@@ -87,7 +87,8 @@ def test_two_processes_equal_one_with_same_global_batch(tiny_model_dir, tmp_path
 @pytest.mark.parametrize("parallel,extra", [
     ("ddp", {"optimizer": "loft", "fast_forward": "true", "ff.interval": 2, "ff.burn_in": 1,
              "ff.tiny_examples": 8, "lr": 1e-2}),
-    ("fsdp", {}),
+    ("fsdp", {"method": "lora-fa", "fast_forward": "true", "ff.interval": 2, "ff.burn_in": 1,
+              "ff.tiny_examples": 8}),
 ])
 def test_stopped_two_process_run_resumes_exactly(tiny_model_dir, tmp_path, parallel, extra):
     whole, split = tmp_path / "whole", tmp_path / "split"

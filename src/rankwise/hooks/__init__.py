@@ -18,6 +18,7 @@ class RunContext(Protocol):
     scorer: object  # what to call for losses: token_loss_sum(scorer, batch) (goes through FSDP's hooks)
     optimizer: object
     step: int  # optimizer steps taken so far
+    world: object  # rankwise.train.dist.World: rank and size under torchrun
 
     def trainable(self) -> list: ...
     def tiny_loss(self) -> float: ...  # mean loss on the tiny held-out set, eval mode, no grad

@@ -14,6 +14,7 @@ from rankwise.config import Config, ConfigError
 from rankwise.fastforward.core import FastForward, FFOptions, check_options
 from rankwise.fastforward.evaluate import tiny_loss_sum, tiny_subset
 from rankwise.hooks import StepHook, register
+from rankwise.train import dist
 
 NAME = "fast_forward"
 
@@ -46,7 +47,9 @@ class FastForwardHook(StepHook):
     def after_step(self, run) -> None:
         start = time.perf_counter()
         self._eval_flops = 0.0
-        self._step_flops = run.flops.last  # the optimizer step just measured
+        # the optimizer step just measured, averaged over ranks (their slices differ in length) so that
+        # every rank derives the same eval cost and takes the same back-off decision
+        self._step_flops = dist.sum_all(run.world, run.flops.last)[0] / run.world.size
         stage = self.ff.after_step()
         seconds = time.perf_counter() - start
         flops = self._eval_flops + (stage["move_flops"] if stage else 0.0)

@@ -213,6 +213,17 @@ def scalar(value) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
+def reshard(world: World, engine: torch.nn.Module) -> None:
+    """Put every FSDP group back to its sharded state on every rank (a no-grad forward leaves the root
+    gathered), so that what rank 0 alone does next (saving) cannot leave the ranks in different states."""
+    if world.sharded:
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in engine.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+
+
 @contextlib.contextmanager
 def full_weights(world: World, model: torch.nn.Module):
     """Inside, rank 0's `model` holds plain full tensors where FSDP keeps shards, so a method's own

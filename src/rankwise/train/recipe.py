@@ -139,6 +139,7 @@ class Run:
         method = get_method(self.cfg.method)
         meta = {"method": self.cfg.method, "model": self.cfg.model, "config": self.cfg.to_dict(),
                 "world_size": self.world.size}
+        dist.reshard(self.world, self.engine)
         state = self.state_dict()
         error = None
         with dist.full_weights(self.world, self.model):
