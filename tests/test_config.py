@@ -49,6 +49,9 @@ def test_missing_and_bad_yaml(tmp_path):
     bad.write_text("- a list\n")
     with pytest.raises(ConfigError, match="must hold a mapping"):
         load_config(bad)
+    bad.write_text("1: 2\n")
+    with pytest.raises(ConfigError, match="keys must be names, got 1"):
+        load_config(bad)
 
 
 @pytest.mark.parametrize("overrides, message", [

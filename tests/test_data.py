@@ -69,6 +69,16 @@ def test_malformed_jsonl_names_the_line(tmp_path, line, message):
         load_splits(str(path))
 
 
+def test_jsonl_with_bom_and_crlf_loads_and_non_utf8_names_the_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [json.dumps({"prompt": f"q{i}", "response": "ä"}, ensure_ascii=False).encode() for i in range(20)]
+    path.write_bytes(b"\xef\xbb\xbf" + b"\r\n".join(rows))  # as a Windows editor saves it
+    assert sum(len(part) for part in vars(load_splits(str(path))).values()) == 20
+    path.write_bytes(b"\n".join(rows[:2] + [b"\xff" + rows[2]]))
+    with pytest.raises(DataError, match="d.jsonl:3: not UTF-8 text"):
+        load_splits(str(path))
+
+
 def test_unusable_data_path_is_a_config_error():
     with pytest.raises(ConfigError, match="dataset path cannot be used"):
         check_data("x" * 300 + ".jsonl")  # longer than a file name may be

@@ -188,6 +188,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {path} must hold a mapping of keys to values")
+        named = [key for key in loaded if not isinstance(key, str)]
+        if named:
+            raise ConfigError(f"config file {path}: keys must be names, got {named[0]!r}")
         raw.update(loaded)
     hints = _field_types()
     for item in overrides:
