@@ -141,7 +141,9 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
     done = sorted(p for p in root.glob("step-*") if p.is_dir())
     for old in done[:-keep] if keep > 0 else []:
         if old != newest:
-            shutil.rmtree(old, ignore_errors=True)
+            hidden = root / f".{old.name}.pruned"  # out of view first: a kill mid-delete shows no half checkpoint
+            old.rename(hidden)
+            shutil.rmtree(hidden, ignore_errors=True)
     for stale in [*root.glob(".step-*"), *root.glob(".old-step-*")]:  # left by interrupted saves
         shutil.rmtree(stale, ignore_errors=True)
 
