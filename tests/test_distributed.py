@@ -44,6 +44,20 @@ def _torchrun(nproc: int, args: list[str], check: bool = True) -> subprocess.Com
     return done
 
 
+def _one_process(args: list[str]) -> None:
+    """The 1-process reference, in this process (no torchrun start-up): the same worker code."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("rankwise_test_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    threads = torch.get_num_threads()
+    try:
+        worker.main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ranks(out: Path, nproc: int) -> list[dict]:
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(nproc)]
 
@@ -63,7 +77,7 @@ def _exact(a: dict, b: dict) -> None:
 def test_two_processes_equal_one_with_same_global_batch(tiny_model_dir, tmp_path, parallel, method):
     one, two = tmp_path / "one", tmp_path / "two"
     common = {"method": method, "grad_accum": 2, "lr": 1e-3 if method == "full" else 3e-3}
-    _torchrun(1, _base(tiny_model_dir, one, batch_size=4, **common))
+    _one_process(_base(tiny_model_dir, one, batch_size=4, **common))
     _torchrun(2, _base(tiny_model_dir, two, batch_size=2, parallel=parallel, **common))
     (single,), (r0, r1) = _ranks(one, 1), _ranks(two, 2)
     _exact(r0["tensors"], r1["tensors"])  # all ranks hold the same weights
@@ -116,7 +130,7 @@ def test_stopped_two_process_run_resumes_exactly(tiny_model_dir, tmp_path, paral
 def test_lora_pre_factor_updates_agree_across_ranks(tiny_model_dir, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     common = {"method": "full", "optimizer": "lorapre", "lr": 1e-3, "steps": 3}
-    _torchrun(1, _base(tiny_model_dir, one, batch_size=4, **common))
+    _one_process(_base(tiny_model_dir, one, batch_size=4, **common))
     _torchrun(2, _base(tiny_model_dir, two, batch_size=2, **common))
     (single,), (r0, r1) = _ranks(one, 1), _ranks(two, 2)
     _exact(r0["tensors"], r1["tensors"])  # every rank made the same factor updates
