@@ -60,6 +60,7 @@ def test_jsonl_prompt_response_and_messages(tmp_path):
     ('{"messages": [{"role": "user", "content": "x"}]}', "d.jsonl:3: 'messages' has no assistant turn"),
     ('[1, 2]', "d.jsonl:3: expected a JSON object"),
     ('{"messages": [{"role": "assistant", "content": "x"}]}', "d.jsonl:3: 'messages' starts with an assistant"),
+    ('{"prompt": "\\ud800", "response": "x"}', "d.jsonl:3: text holds an unpaired surrogate"),
 ])
 def test_malformed_jsonl_names_the_line(tmp_path, line, message):
     path = tmp_path / "d.jsonl"

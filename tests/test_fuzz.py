@@ -324,6 +324,8 @@ def jsonl_line(draw):
         '{"messages": [{"role": "user", "content": "x"}]}', '{"messages": [{"role": 1, "content": "x"}]}',
         '{"messages": [{"role": "assistant", "content": "x"}]}', '{"messages": [{"role": "user", "content": ["x"]},'
         ' {"role": "assistant", "content": "y"}]}', "\ufeff{}", "{'prompt': 'a', 'response': 'b'}",
+        '{"prompt": "\\udc80", "response": "b"}', '{"messages": [{"role": "user\\ud800", "content": "x"}, '
+        '{"role": "assistant", "content": "y"}]}',
     ]))
     if draw(st.integers(0, 4)) == 0:  # any JSON value that is not a usable row
         value = draw(st.recursive(json_scalar(), lambda inner: st.lists(inner, max_size=3) | st.dictionaries(

@@ -45,6 +45,16 @@ def check_data(data: str) -> None:
 
 def as_chat(row: object, where: str) -> dict:
     """Normalise one row to {"messages": [...]}, or raise DataError naming `where`."""
+    chat = _as_chat(row, where)
+    for m in chat["messages"]:
+        try:
+            m["role"].encode("utf-8"), m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # JSON can spell one (\ud800); no tokenizer can encode it
+            raise DataError(f"{where}: text holds an unpaired surrogate, which is not valid Unicode") from None
+    return chat
+
+
+def _as_chat(row: object, where: str) -> dict:
     if not isinstance(row, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
     if "messages" in row:
