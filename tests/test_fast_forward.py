@@ -3,6 +3,7 @@ the Trainer callback and the 2-process decision under torch.distributed."""
 import math
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -359,3 +360,17 @@ def test_stage_that_does_not_pay_for_its_evaluations_backs_off():
     assert not b["pays"] and dear.ff.interval == 4  # 1.5 FF steps < 4 evaluations x 1 step
     with pytest.raises(ConfigError, match="eval_cost"):
         check_hooks(load_config(None, ["fast_forward=true", "ff.eval_cost=-1"]))
+
+
+def test_bench_reuses_only_a_finished_run_of_the_same_config(tiny_cfg, monkeypatch):
+    import rankwise.bench.fast_forward as bench
+    from rankwise.train.recipe import train
+
+    cfg = tiny_cfg(steps=2, eval_every=0)
+    train(cfg, say=lambda *_: None)
+    monkeypatch.setattr(bench, "REUSE", True)
+    assert bench._finished(cfg, Path(cfg.out))
+    assert not bench._finished(tiny_cfg(steps=2, eval_every=0, lr=1e-3), Path(cfg.out))  # other config
+    assert not bench._finished(tiny_cfg(steps=3, eval_every=0), Path(cfg.out))  # not run to its end
+    monkeypatch.setattr(bench, "REUSE", False)
+    assert not bench._finished(cfg, Path(cfg.out))

@@ -65,11 +65,17 @@ def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
         pairs.update({f"ff.{k}": v for k, v in ff.items() if f"ff.{k}" not in pairs})  # user's ff.* win
     cfg = load_config(None, [f"{k}={_text(v)}" for k, v in pairs.items()])
     start = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        summary = train(cfg, say=lambda *_: None)  # quiet: no progress bars or load messages
-    if "stopped" in summary:
-        raise KeyboardInterrupt(f"run {out.name} stopped by {summary['stopped']}")
+    reused = _finished(cfg, out)
+    if reused:
+        say(f"  (reusing the finished run in {out})")
+    else:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            summary = train(cfg, say=lambda *_: None)  # quiet: no progress bars or load messages
+        if "stopped" in summary:
+            raise KeyboardInterrupt(f"run {out.name} stopped by {summary['stopped']}")
     records = read_metrics(out / "metrics.jsonl")
+    final = records[-1]  # the recipe's last record: held-out loss after the last step, with its costs
+    summary = {"eval_loss": final["eval_loss"], "cum_flops": final["cum_flops"], "cum_seconds": final["cum_seconds"]}
     evals = [r for r in records if r["kind"] == "eval"]
     stages = [r for r in records if r["kind"] == "ff"]
     steps = [r for r in records if r["kind"] == "train"]
@@ -88,13 +94,36 @@ def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
         "train_step_flops": sum(r["flops"] for r in steps) / max(1, len(steps)),
         "train_step_seconds": sum(r["seconds"] for r in steps) / max(1, len(steps)),
         "eval_flops": ff_flops / max(1, sum(r["evals"] for r in stages)) if stages else None,
-        "wall_seconds": time.perf_counter() - start,
+        "wall_seconds": None if reused else time.perf_counter() - start,
     }
     say(f"  {_label(result):<34} final {result['final_eval']:.4f} best {result['best_eval']:.4f} | "
         f"{result['cum_flops'] / 1e12:.3f} TFLOPs {result['cum_seconds']:.1f} s"
         + (f" | {len(stages)} stages, {result['ff_steps_accepted']:.1f} FF steps, {result['ff_evals']} evals"
            if stages else ""))
     return result
+
+
+def _finished(cfg, out: Path) -> bool:
+    """--reuse: `out` holds a complete run of exactly this config (e.g. from an interrupted bench)."""
+    import yaml
+
+    from rankwise.train.metrics import read_metrics
+
+    if not (REUSE and (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()):
+        return False
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    from rankwise.config import Config
+
+    defaults = json.loads(json.dumps(Config().to_dict()))  # keys newer than the saved run: their defaults
+    mine = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "resume")}))
+    if any(saved.get(k, defaults[k]) != v for k, v in mine.items()):
+        return False
+    records = read_metrics(out / "metrics.jsonl")
+    steps = [r["step"] for r in records if r["kind"] == "train"]
+    return bool(steps) and steps[-1] == cfg.steps and records[-1]["kind"] == "eval" and records[-1]["step"] == cfg.steps
+
+
+REUSE = False  # set by --reuse
 
 
 def _text(v) -> str:
@@ -242,9 +271,13 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     parser.add_argument("--plot", help="write the held-out loss vs FLOPs plot here (PNG)")
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="keep finished runs found in --workdir with the same config (continue a bench)")
     parser.add_argument("--lrs", help="comma-separated LRs for the tuned regime's baseline sweep")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
+    global REUSE
+    REUSE = bool(args.reuse and args.workdir)
     os.environ.setdefault("TQDM_DISABLE", "1")
     from rankwise.config import ConfigError, parse_value  # the CLI's own value parsing
 
