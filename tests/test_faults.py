@@ -455,3 +455,22 @@ def test_really_full_disk_mid_run_keeps_previous_and_resumes(cfg, reference, sma
     summary = train(cfg(out, resume="latest"), say=quiet)
     assert_intact(out, 6)
     assert_matches(summary, reference(6))
+
+
+# ---- the command line reports these in one line, no traceback --------------------------------------
+@pytest.mark.parametrize("fault", ["diverged", "disk full"])
+def test_cli_reports_run_faults_in_one_line(args, tmp_path, monkeypatch, capsys, fault):
+    out = tmp_path / "run"
+    if fault == "diverged":
+        real = recipe.token_loss_sum
+        monkeypatch.setattr(recipe, "token_loss_sum", lambda m, b: (lambda ln: (ln[0] * float("nan"), ln[1]))(real(m, b)))
+        expected = "rankwise: error: loss became nan at step 1; stopping (no checkpoint was saved yet)"
+    else:
+        def full(obj, path, *rest, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(torch, "save", full)
+        expected = "rankwise: error: could not save the checkpoint at step 2"
+    assert cli.main(["train", *args(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.rstrip().splitlines()[-1].startswith(expected) and "Traceback" not in err

@@ -128,11 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rankwise: error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, OSError, ValueError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # ours have one-line messages; anything else is a bug
         from rankwise.data import DataError
-        from rankwise.train.recipe import TrainingDiverged
+        from rankwise.train.recipe import CheckpointError, TrainingDiverged
 
-        if isinstance(e, (DataError, TrainingDiverged, FileNotFoundError, PermissionError)) or type(e) is OSError:
+        ours = (DataError, TrainingDiverged, CheckpointError, FileNotFoundError, PermissionError)
+        if isinstance(e, ours) or type(e) is OSError:
             print(f"rankwise: error: {e}", file=sys.stderr)
             return 1
         raise

@@ -236,17 +236,6 @@ def _prepare_out(cfg: Config, out: Path) -> None:
             target = out / name
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    _check_writable(out)
-
-
-def _check_writable(out: Path) -> None:
-    probe = out / ".write-probe"
-    try:
-        probe.write_bytes(b"x" * 4096)
-    except OSError as e:
-        raise OSError(f"cannot write to out={out}: {e.strerror}") from None
-    finally:
-        probe.unlink(missing_ok=True)
 
 
 def train_step(run: Run) -> dict:
@@ -268,8 +257,10 @@ def train_step(run: Run) -> dict:
         (total,) = dist.sum_all(world, total)
         loss = total / n_labelled
         if not math.isfinite(loss):
-            raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping (last good checkpoint "
-                                   f"kept in {run.out}); try a lower lr or precision=fp32")
+            kept = f"last good checkpoint kept in {run.out}" if (run.out / ckpt.LATEST).is_file() else \
+                "no checkpoint was saved yet"
+            raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping ({kept}); "
+                                   f"try a lower lr or precision=fp32")
         params = run.trainable()
         # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
         own_clip = getattr(run.optimizer, "clips_gradients", False)
@@ -348,7 +339,7 @@ def _loop(run: Run, say) -> dict:
     bar = tqdm(total=cfg.steps, initial=run.step, desc=f"train {cfg.method}", unit="step", dynamic_ncols=True,
                disable=not run.world.main)
     last = None
-    with _StopOnSignal(run):
+    with _StopOnSignal(run), bar:  # closed on any exit, so an error starts on its own line
         while run.step < cfg.steps and run.stop_reason is None:
             last = train_step(run)
             for hook in run.hooks:
@@ -361,9 +352,9 @@ def _loop(run: Run, say) -> dict:
                 eval_loss = run.test_loss()
                 run.log({"kind": "eval", "eval_loss": eval_loss})
                 bar.write(f"step {run.step}: held-out loss {eval_loss:.4f}")
-            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps:
+            if cfg.save_every and run.step % cfg.save_every == 0 and run.step < cfg.steps \
+                    and run.stop_reason is None:  # a stop saves right below
                 run.save()
-    bar.close()
     saved = run.save()
     if run.stop_reason is not None:
         say(f"stopped by {run.stop_reason} at step {run.step}; resume with: rankwise train resume={run.out} "
