@@ -69,6 +69,7 @@ def test_missing_and_bad_yaml(tmp_path):
     ({"method_args": {"bias": "some"}}, "method_args.bias must be one of"),
     ({"method_args": {"use_rslora": "yes please"}}, "use_rslora must be true or false"),
     ({"method_args": {"init_lora_weights": 5}}, "init_lora_weights must be"),
+    ({"method": "lora-fa", "method_args": {"delta": 10**400}}, "delta must be a finite number"),
     ({"optimizer": "loft", "optimizer_args": {"eps": float("nan")}}, "eps must be a finite number"),
     ({"method": "full", "optimizer": "lorapre", "optimizer_args": {"delta": 0}}, "delta must be a number > 0"),
     ({"method": "full", "optimizer": "lorapre", "optimizer_args": {"eps": "tiny"}}, "eps must be a number"),

@@ -49,7 +49,7 @@ NAMES = sorted(METHODS) + sorted(OPTIMIZERS) + ["constant", "cosine", "bf16", "f
 EDGE_VALUES = ["", " ", "0", "-1", "1", "2", "-0.0", "1e-9", "nan", "-nan", "inf", "-inf", "1e400", "1_000",
                str(2**63), str(10**40), "true", "false", "null", "~", "[]", "{}", "[1, 2]", "[0.9, 0.95]",
                "[a, b]", "{a: 1}", "{a: [}", "[", "{", "[1, [2]]", "0x10", "1.5", "3.0", "(0.9,0.99)",
-               "q_proj,v_proj", "über-λ", "🦙", "x" * 200, "9" * 400, "/no/such/path", "/no/such/data.jsonl", "a=b"]
+               "q_proj,v_proj", "über-λ", "🦙", "x" * 200, "/no/such/path", "/no/such/data.jsonl", "a=b"]
 # no control characters: a value echoed into a message must not break it over lines
 TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=12)
 NO_EQUALS = TEXT.filter(lambda t: "=" not in t)
@@ -76,6 +76,7 @@ def override_key(draw):
 
 HINTS = {f.name: f.type for f in dataclasses.fields(Config)}
 SMALL = st.integers(0, 64).map(str)
+HUGE = "9" * 400  # an int no float can hold (only where a number is wanted: as a path it is a too-long name)
 
 
 def plausible(key: str):
@@ -83,13 +84,13 @@ def plausible(key: str):
     head, _, sub = key.partition(".")
     hint = str(HINTS.get(head, ""))
     if sub or hint == "dict":
-        return st.sampled_from(["true", "false", "0", "1", "4", "0.5", "1e-6", "[attn]", "q_proj,v_proj"] + NAMES)
+        return st.sampled_from(["true", "false", "0", "1", "4", "0.5", "1e-6", "[attn]", "q_proj,v_proj", HUGE] + NAMES)
     if hint == "bool":
         return st.sampled_from(["true", "false"])
     if hint == "int":
-        return SMALL
+        return SMALL | st.just(HUGE)
     if hint == "float":
-        return st.floats(0, 1).map(repr)
+        return st.floats(0, 1).map(repr) | st.just(HUGE)
     return st.sampled_from(NAMES + ["[]", "q_proj,v_proj"])
 
 
@@ -227,14 +228,14 @@ def test_cli_dry_run_exits_0_or_2_with_one_line(fuzz_paths, capsys, data):
 RUN_METHODS = ["lora", "dora", "full", "lora-fa", "ffba"]
 RUN_OPTIMIZERS = ["adamw", "loft", "lorapre", "lorapre-muon", "galore"]
 OWN_ARGS = {  # each optimizer's and method's own arguments, good and bad values mixed
-    "loft": {"simple": ["true", "1"], "ridge": ["1e-6", "-1", "inf"], "eps": ["1e-8", "nan"]},
+    "loft": {"simple": ["true", "1"], "ridge": ["1e-6", "-1", "inf"], "eps": ["1e-8", "nan", HUGE]},
     "lorapre": {"delta": ["1e-6", "0", "abc"], "targets": ["q_proj", "nothing", "[1]"], "rest": ["frozen", "x"],
-                "init_std": ["0.02", "-1"], "scale": ["0.5", "[]"]},
+                "init_std": ["0.02", "-1"], "scale": ["0.5", "[]", HUGE]},
     "lorapre-muon": {"momentum": ["0.9", "1.5"], "ns_steps": ["3", "0", "abc"], "nesterov": ["false", "2"]},
     "galore": {"update_proj_gap": ["1", "0"], "proj_type": ["std", "left", "diag"], "scale": ["0.25", "nan"]},
     "lora": {"use_rslora": ["true", "maybe"], "bias": ["none", "lora_only", "some"],
              "init_lora_weights": ["gaussian", "pissa_niter_2", "false", "loftq", "5"]},
-    "lora-fa": {"init": ["svd", "kaiming", "zeros"], "delta": ["1e-8", "-1"]},
+    "lora-fa": {"init": ["svd", "kaiming", "zeros"], "delta": ["1e-8", "-1", HUGE]},
     "ffba": {"blocks": ["[attn]", "mlp", "[]", "[ffn]"], "activation": ["identity", "gelu", "swish?"]},
 }
 

@@ -13,6 +13,7 @@ recomputed), plus lora_fa.json with δ so a resumed run corrects the same way.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
@@ -36,8 +37,8 @@ class LoraFA(Method):
         if args.get("init", "kaiming") not in INITS:
             raise ConfigError(f"method_args.init must be one of {', '.join(INITS)}, got {args['init']!r}")
         delta = args.get("delta", 1e-8)
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
-            raise ConfigError(f"method_args.delta must be a number >= 0, got {delta!r}")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= sys.float_info.max:
+            raise ConfigError(f"method_args.delta must be a finite number >= 0, got {delta!r}")
         if not isinstance(args.get("use_rslora", False), bool):
             raise ConfigError(f"method_args.use_rslora must be true or false, got {args['use_rslora']!r}")
 
