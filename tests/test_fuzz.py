@@ -315,10 +315,10 @@ def jsonl_line(draw):
         if draw(st.booleans()):
             row = {"prompt": draw(content), "response": draw(content)}
         else:
-            before = draw(st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": content}),
-                                   max_size=2))
             first = {"role": draw(st.sampled_from(["user", "system", "tool"])), "content": draw(content)}
-            row = {"messages": [first, *before, {"role": "assistant", "content": draw(content)}]}
+            middle = draw(st.lists(st.fixed_dictionaries({"role": st.sampled_from(ROLES), "content": content}),
+                                   max_size=2))
+            row = {"messages": [first, *middle, {"role": "assistant", "content": draw(content)}]}
         if draw(st.booleans()):
             row["extra"] = draw(json_scalar())  # unknown keys are ignored
         return "record", json.dumps(row, ensure_ascii=draw(st.booleans()))
@@ -416,7 +416,6 @@ def test_small_datasets_train_or_fail_clearly(tiny_cfg, fuzz_paths, rows):
 NEEDS_LEAD = "needs a change in a file this fuzzing helper may not edit; see the test's docstring"
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_LEAD)
 def test_no_example_fits_max_length_is_a_clear_error(tiny_cfg, fuzz_paths, capsys):
     """recipe.build_run raises a plain ValueError, which cli.main re-raises as a traceback: it should be a
     DataError (or ConfigError)."""
@@ -436,7 +435,6 @@ def test_divergence_is_one_line_from_the_cli(tiny_model_dir, fuzz_paths, capsys)
     assert code == 1 and err[-1].startswith("rankwise: error: loss became")
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_LEAD)
 def test_no_held_out_example_fits_is_a_clear_error(tiny_cfg, tmp_path):
     """When every test example is longer than max_length the recipe evaluates on nothing and reports
     eval_loss 0.0; build_run should refuse (as it does when no training example fits)."""
@@ -455,7 +453,6 @@ def test_no_held_out_example_fits_is_a_clear_error(tiny_cfg, tmp_path):
         train(tiny_cfg(data=data, max_length=64, steps=1, count_flops="false"), say=quiet)
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_LEAD)
 @pytest.mark.parametrize("override", [
     "seed=18446744073709551616",  # torch.manual_seed overflows deep in the run (and seed*100003 in the stream)
     "threads=100000000",  # torch.set_num_threads(10**8) crashes the process (SIGSEGV)
@@ -481,7 +478,6 @@ def lora_run(tiny_model_dir, fuzz_paths):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason=NEEDS_LEAD)
 @pytest.mark.parametrize("change", ["method=full", "rank=8"])
 def test_resume_with_a_different_config_is_a_clear_error(tiny_cfg, fuzz_paths, lora_run, tmp_path, change):
     """Resuming a checkpoint under a config that changes what is trained: method=full raises a plain ValueError
@@ -495,3 +491,32 @@ def test_resume_with_a_different_config_is_a_clear_error(tiny_cfg, fuzz_paths, l
                       "batch_size": 2, "eval_examples": 4, "rank": 4, "count_flops": "false", key: value})
     with pytest.raises((ConfigError, DataError)):
         train(cfg, say=quiet)
+
+
+DAMAGE = {  # what a damaged checkpoint looks like, file by file
+    "meta-truncated": lambda ckpt: (ckpt / "rankwise.json").write_text("{"),
+    "meta-not-a-mapping": lambda ckpt: (ckpt / "rankwise.json").write_text("[]"),
+    "state-garbage": lambda ckpt: (ckpt / "state.pt").write_bytes(b"not a torch file"),
+    "adapter-emptied": lambda ckpt: [p.unlink() for p in (ckpt / "adapter").iterdir()],
+}
+
+
+@pytest.mark.xfail(strict=True, reason=NEEDS_LEAD)
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tiny_cfg, fuzz_paths, lora_run, tmp_path, damage):
+    """A damaged checkpoint (metadata truncated or not a mapping, state.pt or adapter unreadable) raises
+    JSONDecodeError/AttributeError in validate's resume check, UnpicklingError from torch.load or a PEFT
+    ValueError in build_run. Both should say, in one line, which checkpoint is damaged (ConfigError, or a
+    CheckpointError the CLI prints)."""
+    import shutil
+
+    from rankwise.train.recipe import CheckpointError, train
+
+    out = tmp_path / "run"
+    shutil.copytree(lora_run, out)
+    DAMAGE[damage](out / "checkpoints" / "step-000002")
+    cfg = tiny_cfg(data=fuzz_paths["data"], out=out, resume="latest", steps=3, batch_size=2, eval_examples=4,
+                   rank=4, count_flops="false")
+    with pytest.raises((ConfigError, CheckpointError)) as error:
+        train(cfg, say=quiet)
+    assert_one_line(error.value)

@@ -1,6 +1,8 @@
 """Reject a config that cannot work, with a one-line reason, before any weights load."""
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
@@ -13,6 +15,7 @@ from rankwise.train.dist import check_parallel
 from rankwise.train.schedule import SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")
+MAX_THREADS = 1024  # torch.set_num_threads with absurd counts crashes the process
 
 
 def validate(cfg: Config) -> None:
@@ -32,13 +35,55 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must lie in [0, 2**32), got {cfg.seed}")
+    if cfg.threads > MAX_THREADS:
+        raise ConfigError(f"threads={cfg.threads} is more than {MAX_THREADS}; 0 leaves torch's default")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
     get_method(cfg.method).check(cfg)
     get_optimizer(cfg.optimizer).check(cfg)
     check_hooks(cfg)
     check_parallel(cfg)
-    check_model(cfg.model)
-    check_data(cfg.data)
-    _check_out(cfg)
+    try:
+        check_model(cfg.model)
+        check_data(cfg.data)
+        _check_out(cfg)
+        _check_resume(cfg)
+    except OSError as e:  # e.g. a file name too long for the file system
+        raise ConfigError(f"cannot use the path {e.filename or ''}: {e.strerror or e}") from None
+
+
+# what a resumed run must share with the checkpoint, or it would train something else or silently keep
+# the old value (the scheduler restores its LR, the stream its seed)
+RESUME_KEYS = ("model", "data", "max_length", "method", "rank", "alpha", "dropout", "target_modules",
+               "method_args", "optimizer", "optimizer_args", "lr", "weight_decay", "betas", "schedule",
+               "warmup_steps", "seed", "fast_forward", "ff")
+
+
+def _check_resume(cfg: Config) -> None:
+    if cfg.resume is None:
+        return
+    from rankwise.train import checkpoint as ckpt
+
+    try:
+        where = ckpt.resolve(cfg.resume, Path(cfg.out))
+    except FileNotFoundError as e:
+        raise ConfigError(f"resume={cfg.resume}: {e}") from None
+    saved = ckpt.read_meta(where).get("config", {})
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    changed = [k for k in RESUME_KEYS if k in saved and _same_path(saved[k]) != _same_path(mine[k])]
+    if changed:
+        pairs = ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in changed)
+        raise ConfigError(f"resume={cfg.resume}: the checkpoint was trained with {pairs}; resume with the same "
+                          f"settings, or start a new run")
+
+
+def _same_path(value):
+    """Paths compare by what they point at; other values as they are."""
+    if isinstance(value, str) and ("/" in value or value.startswith(".")) and Path(value).exists():
+        return str(Path(value).resolve())
+    return value
 
 
 def _check_out(cfg: Config) -> None:
@@ -51,8 +96,6 @@ def _check_out(cfg: Config) -> None:
                           f"overwrite=true to start over, or choose another out=")
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("resume and overwrite=true contradict each other: pick one")
-    if cfg.device not in ("auto", "cpu") and not cfg.device.startswith("cuda"):
-        raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu or cuda")
     if cfg.resume is not None:
         where = out if cfg.resume == "latest" else Path(cfg.resume)
         if not where.exists():

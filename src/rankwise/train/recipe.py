@@ -22,7 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from rankwise import runtime
 from rankwise.config import Config, save_config
-from rankwise.data import collate, encode_all, load_splits
+from rankwise.data import DataError, collate, encode_all, load_splits
 from rankwise.methods import get_method
 from rankwise.models import load_model, load_tokenizer
 from rankwise.optim import get_optimizer, trainable_parameters
@@ -185,9 +185,14 @@ def build_run(cfg: Config, say=print) -> Run:
     splits = load_splits(cfg.data)
     train_items = encode_all(tok, splits.train, cfg.max_length)
     if not train_items:
-        raise ValueError(f"no training example fits in max_length={cfg.max_length} tokens")
+        raise DataError(f"no training example of {cfg.data} fits in max_length={cfg.max_length} tokens")
     say(f"data: {len(train_items)} train / {len(splits.tiny)} tiny / {len(splits.test)} test examples")
 
+    tiny_batches = _batches(tok, splits.tiny, cfg, device)
+    test_batches = _batches(tok, splits.test[:cfg.eval_examples], cfg, device)
+    if not test_batches or (cfg.fast_forward and not tiny_batches):
+        raise DataError(f"no held-out example of {cfg.data} fits in max_length={cfg.max_length} tokens; "
+                        f"raise max_length")
     base = load_model(cfg.model)
     hf_logging.disable_progress_bar()  # from here on, our own bar is the one to watch
     method = get_method(cfg.method)
@@ -210,8 +215,7 @@ def build_run(cfg: Config, say=print) -> Run:
     autocast = runtime.autocast_for(cfg.precision, device)
     run = Run(cfg=cfg, out=out, model=model, tokenizer=tok, optimizer=optimizer, scheduler=scheduler,
               stream=ExampleStream(len(train_items), cfg.seed), train_items=train_items,
-              tiny_batches=_batches(tok, splits.tiny, cfg, device),
-              test_batches=_batches(tok, splits.test[:cfg.eval_examples], cfg, device),
+              tiny_batches=tiny_batches, test_batches=test_batches,
               autocast=autocast, device=device, hooks=build_hooks(cfg), flops=FlopMeter(cfg.count_flops),
               log_file=MetricsLog(out / "metrics.jsonl",
                                   truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"])
