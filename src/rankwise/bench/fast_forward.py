@@ -156,7 +156,10 @@ def compare(baseline: dict, ff: dict) -> dict:
 
 
 # ---- the three regimes -------------------------------------------------------------------------------
-def run_all(scale: dict, user: dict, work: Path, say=print) -> dict:
+REGIMES = ("paper", "tuned", "control")
+
+
+def run_all(scale: dict, user: dict, work: Path, say=print, regimes=REGIMES, reference: bool = True) -> dict:
     base = {**scale["base"], **user}
     results = {}
 
@@ -164,13 +167,27 @@ def run_all(scale: dict, user: dict, work: Path, say=print) -> dict:
         merged = {**base, **{k: v for k, v in overrides.items() if k not in user or k in ("lr", "method")}}
         return _train(merged, ff, work / name, say)
 
-    say("paper regime: small constant LR, large effective batch")
-    p = scale["paper"]
-    paper = {"baseline": runs("paper-base", p), "ff": runs("paper-ff", p, scale["ff"]),
-             "ff_reference": runs("paper-ref", p, scale["reference_ff"])}
-    paper["ff_vs_baseline"] = compare(paper["baseline"], paper["ff"])
-    paper["reference_vs_baseline"] = compare(paper["baseline"], paper["ff_reference"])
-    results["paper"] = paper
+    if "paper" in regimes:
+        say("paper regime: small constant LR, large effective batch")
+        p = scale["paper"]
+        paper = {"baseline": runs("paper-base", p), "ff": runs("paper-ff", p, scale["ff"])}
+        paper["ff_vs_baseline"] = compare(paper["baseline"], paper["ff"])
+        if reference:
+            paper["ff_reference"] = runs("paper-ref", p, scale["reference_ff"])
+            paper["reference_vs_baseline"] = compare(paper["baseline"], paper["ff_reference"])
+        results["paper"] = paper
+    if "tuned" in regimes:
+        results["tuned"] = _tuned(scale, runs, say)
+    if "control" in regimes:
+        say("negative control: Fast Forward on full fine-tuning")
+        c = scale["control"]
+        control = {"baseline": runs("control-base", c), "ff": runs("control-ff", c, scale["ff"])}
+        control["ff_vs_baseline"] = compare(control["baseline"], control["ff"])
+        results["control"] = control
+    return results
+
+
+def _tuned(scale: dict, runs, say) -> dict:
 
     say("tuned regime: baseline LR swept with the same schedule and budget")
     t = {k: v for k, v in scale["tuned"].items() if k != "lrs"}
@@ -180,14 +197,7 @@ def run_all(scale: dict, user: dict, work: Path, say=print) -> dict:
         say(f"  note: the best LR {best['lr']:g} is at the edge of the sweep; widen it with --lrs")
     tuned = {"sweep": sweep, "baseline": best, "ff": runs("tuned-ff", {**t, "lr": best["lr"]}, scale["ff"])}
     tuned["ff_vs_baseline"] = compare(best, tuned["ff"])
-    results["tuned"] = tuned
-
-    say("negative control: Fast Forward on full fine-tuning")
-    c = scale["control"]
-    control = {"baseline": runs("control-base", c), "ff": runs("control-ff", c, scale["ff"])}
-    control["ff_vs_baseline"] = compare(control["baseline"], control["ff"])
-    results["control"] = control
-    return results
+    return tuned
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -273,9 +283,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--workdir", help="keep the runs here (default: a temporary directory)")
     parser.add_argument("--reuse", action="store_true",
                         help="keep finished runs found in --workdir with the same config (continue a bench)")
+    parser.add_argument("--regimes", default=",".join(REGIMES),
+                        help="comma-separated subset of: " + ", ".join(REGIMES))
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the paper's own (linear) search in the paper regime")
     parser.add_argument("--lrs", help="comma-separated LRs for the tuned regime's baseline sweep")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
+    regimes = [r for r in args.regimes.split(",") if r]
+    if not regimes or set(regimes) - set(REGIMES):
+        parser.error(f"--regimes takes a comma-separated subset of {', '.join(REGIMES)}, got {args.regimes!r}")
     global REUSE
     REUSE = bool(args.reuse and args.workdir)
     os.environ.setdefault("TQDM_DISABLE", "1")
@@ -307,7 +324,7 @@ def main(argv: list[str]) -> int:
 
         threads = user.get("threads", scale["base"].get("threads", 0)) or torch.get_num_threads()
         print(f"fast-forward bench, scale {args.scale}, model {user.get('model', 'default')}, {threads} threads")
-        results = run_all(scale, user, work)
+        results = run_all(scale, user, work, regimes=regimes, reference=not args.no_reference)
     report = table(results)
     print(report)
     elapsed = time.perf_counter() - started
