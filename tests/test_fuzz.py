@@ -49,7 +49,7 @@ NAMES = sorted(METHODS) + sorted(OPTIMIZERS) + ["constant", "cosine", "bf16", "f
 EDGE_VALUES = ["", " ", "0", "-1", "1", "2", "-0.0", "1e-9", "nan", "-nan", "inf", "-inf", "1e400", "1_000",
                str(2**63), str(10**40), "true", "false", "null", "~", "[]", "{}", "[1, 2]", "[0.9, 0.95]",
                "[a, b]", "{a: 1}", "{a: [}", "[", "{", "[1, [2]]", "0x10", "1.5", "3.0", "(0.9,0.99)",
-               "q_proj,v_proj", "über-λ", "🦙", "x" * 200, "/no/such/path", "/no/such/data.jsonl", "a=b"]
+               "q_proj,v_proj", "über-λ", "🦙", "x" * 300, "9" * 400, "/no/such/path", "/no/such/data.jsonl", "a=b"]
 # no control characters: a value echoed into a message must not break it over lines
 TEXT = st.text(st.characters(exclude_categories=("Cs", "Cc")), max_size=12)
 NO_EQUALS = TEXT.filter(lambda t: "=" not in t)
@@ -501,6 +501,21 @@ def test_resume_with_a_different_config_is_a_clear_error(tiny_model_dir, fuzz_pa
         return
     with pytest.raises(ConfigError, match=change.split("=")[0]):
         train(cfg, say=quiet)
+
+
+@fuzz(100)
+@given(data=st.data())
+def test_resume_under_any_overrides_validates_or_fails_in_one_line(tiny_model_dir, fuzz_paths, lora_run, data):
+    harmless = st.lists(st.sampled_from(["steps=4", "sample=true", "eval_every=1", "save_every=1", "threads=1",
+                                         "count_flops=true", "overwrite=false", "nproc=1", "batch_size=3"]))
+    extra = data.draw(harmless | overrides(fuzz_paths["all"] + [str(lora_run)], max_size=3), label="overrides")
+    try:
+        validate(lora_cfg(tiny_model_dir, fuzz_paths["data"], fuzz_paths["root"] / "resumed", f"resume={lora_run}",
+                          *extra))
+        event("valid")
+    except ConfigError as e:
+        event(f"ConfigError: {str(e)[:25]}")
+        assert_one_line(e)
 
 
 DAMAGE = {  # what a damaged checkpoint looks like, file by file
