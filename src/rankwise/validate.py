@@ -15,6 +15,7 @@ from rankwise.train.dist import check_parallel
 from rankwise.train.schedule import SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")
+MAX_BATCH = 1 << 16  # sequences; far beyond any memory, and it keeps index lists small
 MAX_THREADS = 1024  # torch.set_num_threads with absurd counts crashes the process
 
 
@@ -35,6 +36,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"unknown schedule {cfg.schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {cfg.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+    for key in ("batch_size", "grad_accum"):
+        if getattr(cfg, key) > MAX_BATCH:
+            raise ConfigError(f"{key}={getattr(cfg, key)} is more than {MAX_BATCH}")
     if not 0 <= cfg.seed < 2**32:
         raise ConfigError(f"seed must lie in [0, 2**32), got {cfg.seed}")
     if cfg.threads > MAX_THREADS:
@@ -70,7 +74,14 @@ def _check_resume(cfg: Config) -> None:
         where = ckpt.resolve(cfg.resume, Path(cfg.out))
     except FileNotFoundError as e:
         raise ConfigError(f"resume={cfg.resume}: {e}") from None
-    saved = ckpt.read_meta(where).get("config", {})
+    try:
+        meta = ckpt.read_meta(where)
+    except (OSError, ValueError) as e:
+        meta = e
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+        raise ConfigError(f"resume={cfg.resume}: {where / ckpt.META} is damaged; resume from an earlier "
+                          f"checkpoint (resume={where.parent}/step-N)")
+    saved = meta.get("config", {})
     mine = json.loads(json.dumps(cfg.to_dict()))
     changed = [k for k in RESUME_KEYS if k in saved and _same_path(saved[k]) != _same_path(mine[k])]
     if changed:

@@ -61,6 +61,9 @@ def check_parallel(cfg: Config) -> None:
         raise ConfigError(f"unknown parallel {cfg.parallel!r}; choose one of: {', '.join(PARALLEL)}")
     if cfg.nproc < 1:
         raise ConfigError(f"nproc must be >= 1, got {cfg.nproc}")
+    cores = os.cpu_count() or 1
+    if cfg.nproc > 4 * cores and not cfg.device.startswith("cuda"):
+        raise ConfigError(f"nproc={cfg.nproc} processes on {cores} CPU cores is too many; use at most {4 * cores}")
     if cfg.parallel == "fsdp":
         if cfg.method not in FSDP_METHODS:
             raise ConfigError(f"parallel=fsdp supports methods {', '.join(FSDP_METHODS)}, not {cfg.method!r}; "

@@ -9,6 +9,7 @@ rank runs this same loop on its slice of each batch (rankwise.train.dist); only 
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import signal
@@ -197,7 +198,8 @@ def build_run(cfg: Config, say=print) -> Run:
     hf_logging.disable_progress_bar()  # from here on, our own bar is the one to watch
     method = get_method(cfg.method)
     if resume_from is not None:
-        model = method.load(base, resume_from / ckpt.ADAPTER, trainable=True)
+        with _damaged(resume_from, "adapter"):
+            model = method.load(base, resume_from / ckpt.ADAPTER, trainable=True)
     else:
         model = method.apply(base, cfg)
     model.to(device).train()
@@ -223,11 +225,23 @@ def build_run(cfg: Config, say=print) -> Run:
               engine=engine, world=world)
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     if resume_from is not None:
-        run.load_state_dict(torch.load(resume_from / ckpt.STATE, weights_only=False))
+        with _damaged(resume_from, ckpt.STATE):
+            state = torch.load(resume_from / ckpt.STATE, weights_only=False)
+        run.load_state_dict(state)
         say(f"resumed from {resume_from} at step {run.step}")
     if world.main:
         save_config(cfg, out / "config.yaml")
     return run
+
+
+@contextlib.contextmanager
+def _damaged(checkpoint: Path, part: str):
+    """Any failure to read a part of a checkpoint is reported as that checkpoint being damaged."""
+    try:
+        yield
+    except Exception as e:
+        raise CheckpointError(f"cannot read the {part} of checkpoint {checkpoint} ({type(e).__name__}); it is "
+                              f"damaged: resume from an earlier one (resume={checkpoint.parent}/step-N)") from e
 
 
 def _silent(*_args, **_kwargs) -> None:
