@@ -72,8 +72,8 @@ def _exact(a: dict, b: dict) -> None:
     _assert_same(a, b, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("parallel,method", [("ddp", "lora"), ("fsdp", "lora"), ("fsdp", "dora"),
-                                             ("fsdp", "ffba"), ("fsdp", "full")])
+@pytest.mark.parametrize("parallel,method", [(p, m) for p in ("ddp", "fsdp")
+                                             for m in ("lora", "dora", "ffba", "full", "lora-fa")])
 def test_two_processes_equal_one_with_same_global_batch(tiny_model_dir, tmp_path, parallel, method):
     one, two = tmp_path / "one", tmp_path / "two"
     common = {"method": method, "grad_accum": 2, "lr": 1e-3 if method == "full" else 3e-3}
@@ -91,11 +91,12 @@ def test_two_processes_equal_one_with_same_global_batch(tiny_model_dir, tmp_path
     assert [r["tokens"] for r in train] == [r["tokens"] for r in single_train]
     for a, b in zip(train, single_train):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    # rank 0's checkpoint holds the full (gathered) weights
+    # rank 0's checkpoint holds the full (gathered) weights: the trained tensors, and LoRA-FA's frozen A too
     if method != "full":
         files = list((two / "checkpoints" / "step-000003" / "adapter").glob("*.safetensors"))
-        assert files and sum(t.numel() for t in load_file(files[0]).values()) == \
-            sum(t.numel() for t in r0["tensors"].values())
+        saved = sum(t.numel() for t in load_file(files[0]).values())
+        trained = sum(t.numel() for t in r0["tensors"].values())
+        assert saved == (2 * trained if method == "lora-fa" else trained)
 
 
 @pytest.mark.parametrize("parallel,extra", [
