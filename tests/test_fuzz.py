@@ -139,17 +139,20 @@ def fuzz_paths(tiny_model_dir, tmp_path_factory):
 
 
 # ---- 1. configs: load_config + validate, and the CLI's dry run -------------------------------------
-@fuzz(250)
-@given(data=st.data())
-def test_any_overrides_validate_or_fail_in_one_line(fuzz_paths, data):
+def _validates_or_fails_in_one_line(fuzz_paths, extra: list[str]) -> None:
     base = [f"model={fuzz_paths['model']}", f"out={fuzz_paths['root'] / 'out'}"]
-    extra = data.draw(overrides(fuzz_paths["all"]), label="overrides")
     try:
         validate(load_config(None, base + extra))
         event("valid")
     except ConfigError as e:
         event(f"ConfigError: {str(e)[:25]}")
         assert_one_line(e)
+
+
+@fuzz(250)
+@given(data=st.data())
+def test_any_overrides_validate_or_fail_in_one_line(fuzz_paths, data):
+    _validates_or_fails_in_one_line(fuzz_paths, data.draw(overrides(fuzz_paths["all"]), label="overrides"))
 
 
 @st.composite
@@ -168,14 +171,7 @@ def method_and_optimizer(draw, paths):
 @fuzz(150)
 @given(data=st.data())
 def test_method_and_optimizer_args_validate_or_fail_in_one_line(fuzz_paths, data):
-    base = [f"model={fuzz_paths['model']}", f"out={fuzz_paths['root'] / 'out'}"]
-    extra = data.draw(method_and_optimizer(fuzz_paths["all"]), label="overrides")
-    try:
-        validate(load_config(None, base + extra))
-        event("valid")
-    except ConfigError as e:
-        event(f"ConfigError: {str(e)[:25]}")
-        assert_one_line(e)
+    _validates_or_fails_in_one_line(fuzz_paths, data.draw(method_and_optimizer(fuzz_paths["all"]), label="overrides"))
 
 
 YAML_SCALARS = ["1", "-1", "0.5", ".nan", ".inf", "null", "true", "''", "2020-01-01", "!!binary aGVsbG8=",
