@@ -107,10 +107,6 @@ def _check_out(cfg: Config) -> None:
                           f"overwrite=true to start over, or choose another out=")
     if cfg.resume is not None and cfg.overwrite:
         raise ConfigError("resume and overwrite=true contradict each other: pick one")
-    if cfg.resume is not None:
-        where = out if cfg.resume == "latest" else Path(cfg.resume)
-        if not where.exists():
-            raise ConfigError(f"nothing to resume at {where}")
     from rankwise.train.checkpoint import probe_write
 
     # write a probe in out, or in the nearest folder that would hold it: a full disk or a read-only place

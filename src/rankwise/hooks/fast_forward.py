@@ -47,9 +47,9 @@ class FastForwardHook(StepHook):
     def after_step(self, run) -> None:
         start = time.perf_counter()
         self._eval_flops = 0.0
-        # the optimizer step just measured, averaged over ranks (their slices differ in length) so that
-        # every rank derives the same eval cost and takes the same back-off decision
-        self._step_flops = dist.sum_all(run.world, run.flops.last)[0] / run.world.size
+        if self.options.eval_cost is None:  # measured: the optimizer step just taken, averaged over ranks
+            # (their slices differ in length), so every rank derives the same cost and back-off decision
+            self._step_flops = dist.sum_all(run.world, run.flops.last)[0] / run.world.size
         stage = self.ff.after_step()
         seconds = time.perf_counter() - start
         flops = self._eval_flops + (stage["move_flops"] if stage else 0.0)

@@ -119,7 +119,7 @@ class Run:
         return {"step": self.step, "world_size": self.world.size,
                 "optimizer": dist.optimizer_state(self.world, self.engine, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
-                **per_rank, "ranks": dist.gather_objects(self.world, per_rank),
+                "ranks": dist.gather_objects(self.world, per_rank),
                 "cum_flops": self.cum_flops, "cum_seconds": self.cum_seconds, "tokens_seen": self.tokens_seen}
 
     def load_state_dict(self, state: dict) -> None:
@@ -127,8 +127,8 @@ class Run:
         dist.load_optimizer_state(self.world, self.engine, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.stream.load_state_dict(state["stream"])
-        ranks = state.get("ranks", [])
-        mine = ranks[self.world.rank] if len(ranks) == self.world.size else state  # else: rank 0's
+        ranks = state.get("ranks", [state])  # checkpoints from before per-rank state kept it at the top
+        mine = ranks[self.world.rank] if len(ranks) == self.world.size else ranks[0]
         for hook in self.hooks:
             hook.load_state_dict(mine["hooks"].get(hook.name, {}))
         self.cum_flops, self.cum_seconds = state["cum_flops"], state["cum_seconds"]
