@@ -42,7 +42,8 @@ def main(argv: list[str]) -> None:
                for n, p in run.model.named_parameters() if p.requires_grad}
     torch.save({"tensors": tensors, "summary": summary, "world": run.world.size},
                f"{cfg.out}/rank{run.world.rank}.pt")
-    run.log_file is not None and run.log_file.close()
+    if run.log_file is not None:
+        run.log_file.close()
     dist.shutdown(run.world)
 
 
