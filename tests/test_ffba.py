@@ -210,3 +210,24 @@ def test_fused_follows_the_configured_attention_function():
         out = fused_model(input_ids=ids, output_attentions=True)
         assert _relative(out.logits, unfused_model(input_ids=ids).logits) <= 1e-5
     assert fused_model.config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""]])
+def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
+    from rankwise.bench.latency import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--quality", *args])
+    assert stop.value.code == 2 and "error: --" in capsys.readouterr().err
+
+
+def test_quality_table_compares_each_best_with_loras_best():
+    from rankwise.bench.latency import _quality_table
+
+    sweep = lambda *losses: {f"{lr:g}": {"eval_loss": l} for lr, l in zip((1e-3, 2e-3), losses)}  # noqa: E731
+    results = {"lora": {"rank": 12, "sweep": sweep(2.60, 2.58), "best_lr": 2e-3, "eval_loss": 2.58},
+               "ffba (identity)": {"rank": 53, "sweep": sweep(2.57, 2.61), "best_lr": 1e-3, "eval_loss": 2.57}}
+    table = _quality_table(results)
+    assert "ffba (identity): -0.0100 vs LoRA's best (no worse than LoRA: met)" in table
+    results["ffba (identity)"]["eval_loss"] = 2.59
+    assert "MISSED" in _quality_table(results)

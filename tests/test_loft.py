@@ -1,5 +1,6 @@
 """LoFT: full-rank equality with AdamW, the projection identities, alpha invariance, exact resume."""
 import copy
+import json
 
 import pytest
 import torch
@@ -244,3 +245,33 @@ def test_fast_forward_runs_on_loft_moves(tiny_cfg):
     stages = [r for r in read_metrics(f"{cfg.out}/metrics.jsonl") if r["kind"] == "ff"]
     assert stages and all(r["loss_after"] <= r["loss_before"] for r in stages)
     assert summary["eval_loss"] < summary["eval_loss_start"]
+
+
+def test_bench_summary_takes_each_sweeps_best_and_the_gap_it_closes():
+    from rankwise.bench.loft import summarize
+
+    rows = [{"label": "full", "rank": None, "eval_loss": 2.0},
+            {"label": "loft lr=0.0001", "rank": 1, "eval_loss": 2.6},
+            {"label": "loft lr=0.0003", "rank": 1, "eval_loss": 2.4},
+            {"label": "loft-simple lr=0.001", "rank": 1, "eval_loss": 2.9},
+            {"label": "lora lr=0.001 a=2r", "rank": 1, "eval_loss": 3.0},
+            {"label": "lora lr=0.002 a=2r", "rank": 1, "eval_loss": 2.8},
+            {"label": "lora lr=0.004 a=2r", "rank": 1, "error": "the run's process died"}]
+    (line,) = summarize(rows)
+    assert (line["lora"], line["loft"], line["loft-simple"], line["dora"]) == (2.8, 2.4, 2.9, None)
+    assert line["lora_label"] == "lora lr=0.002 a=2r"
+    assert line["gap_closed"] == pytest.approx(0.5)  # (2.8 - 2.4) / (2.8 - 2.0)
+
+
+def test_bench_reuse_keeps_finished_runs_only_for_the_same_settings(tmp_path):
+    from rankwise.bench.loft import _reusable, _write
+
+    out = tmp_path / "loft.json"
+    settings = ["model=default", "batch_size=8", "steps=30"]
+    done = {"label": "lora", "rank": 1, "overrides": ["method=lora", "rank=1"], "eval_loss": 2.5}
+    failed = {"label": "loft", "rank": 1, "overrides": ["method=lora", "optimizer=loft"], "error": "x"}
+    _write(str(out), {"partial": True, "common": settings, "rows": [done, failed]})
+    assert _reusable(str(out), settings) == {json.dumps(done["overrides"]): done}  # the failed run reruns
+    assert _reusable(str(tmp_path / "absent.json"), settings) == {}
+    with pytest.raises(SystemExit, match="other settings"):
+        _reusable(str(out), ["model=default", "batch_size=8", "steps=60"])

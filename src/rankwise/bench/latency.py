@@ -154,15 +154,18 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 
 
 # ---- quality at equal budget ---------------------------------------------------------------------------
-def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lr: float, activations: list[str],
-            workdir: Path, tiny: bool, batch_size: int, eval_examples: int) -> dict:
-    """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget."""
+def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lrs: list[float], methods: list[str],
+            activations: list[str], workdir: Path, tiny: bool, batch_size: int, eval_examples: int,
+            precision: str) -> dict:
+    """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
+    every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all)."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
-    runs = [("lora", lora_rank, {}), ("dora", lora_rank, {})]
-    runs += [("ffba", ffba_rank, {"method_args.activation": a}) for a in activations]
-    common = {"model": model_name, "steps": steps, "lr": lr, "sample": False, "precision": "fp32",
+    runs = [(m, lora_rank, {}) for m in ("lora", "dora") if m in methods]
+    if "ffba" in methods:
+        runs += [("ffba", ffba_rank, {"method_args.activation": a}) for a in activations]
+    common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "seed": 0, "batch_size": batch_size,
               "eval_examples": eval_examples}
     if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
@@ -174,17 +177,32 @@ def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lr: flo
     results = {}
     for method, rank, extra in runs:
         label = method if method != "ffba" else f"ffba ({extra['method_args.activation']})"
-        overrides = {**common, "method": method, "rank": rank, "alpha": 2 * rank, **extra,
-                     "out": str(workdir / label.replace(" ", "_").strip("()"))}
-        cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-        lines = []
-        summary = train(cfg, say=lines.append)
-        trainable = next((l for l in lines if l.startswith("model:")), "")
-        results[label] = {"eval_loss_start": summary["eval_loss_start"], "eval_loss": summary["eval_loss"],
-                          "rank": rank, "train_seconds": summary["cum_seconds"], "model_line": trainable}
-        print(f"  {label:<18} rank {rank:>3}: held-out loss {summary['eval_loss_start']:.4f} -> "
-              f"{summary['eval_loss']:.4f} ({summary['cum_seconds']:.0f} s)")
+        sweep = {}
+        for lr in lrs:
+            overrides = {**common, "method": method, "rank": rank, "alpha": 2 * rank, "lr": lr, **extra,
+                         "out": str(workdir / f"{label.replace(' ', '_').strip('()')}-lr{lr:g}")}
+            cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
+            summary = train(cfg, say=lambda *a: None)
+            sweep[f"{lr:g}"] = {"eval_loss_start": summary["eval_loss_start"], "eval_loss": summary["eval_loss"],
+                                "train_seconds": summary["cum_seconds"]}
+            print(f"  {label:<18} rank {rank:>3} lr {lr:<7g}: held-out loss {summary['eval_loss_start']:.4f} -> "
+                  f"{summary['eval_loss']:.4f} ({summary['cum_seconds']:.0f} s)", flush=True)
+        best = min(sweep, key=lambda k: sweep[k]["eval_loss"])
+        results[label] = {"rank": rank, "sweep": sweep, "best_lr": float(best), **sweep[best]}
     return results
+
+
+def _quality_table(results: dict) -> str:
+    lines = [f"{'method':<18}{'rank':>5}{'best lr':>9}{'held-out':>10}  (every lr)"]
+    for label, r in results.items():
+        every = ", ".join(f"{lr}: {v['eval_loss']:.4f}" for lr, v in r["sweep"].items())
+        lines.append(f"{label:<18}{r['rank']:>5}{r['best_lr']:>9g}{r['eval_loss']:>10.4f}  ({every})")
+    lora = results.get("lora", {}).get("eval_loss")
+    for label, r in results.items():
+        if label.startswith("ffba") and lora is not None:
+            verdict = "no worse than LoRA: met" if r["eval_loss"] <= lora else "worse than LoRA: MISSED"
+            lines.append(f"{label}: {r['eval_loss'] - lora:+.4f} vs LoRA's best ({verdict})")
+    return "\n".join(lines)
 
 
 # ---- the command --------------------------------------------------------------------------------------
@@ -246,12 +264,24 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, help="training steps per method for --quality (default by scale)")
     p.add_argument("--batch-size", type=int, help="sequences per step for --quality (default by scale)")
     p.add_argument("--eval-examples", type=int, help="held-out examples for --quality (default by scale)")
-    p.add_argument("--lr", type=float, default=2e-3, help="learning rate for --quality (all methods)")
+    p.add_argument("--lr", default="2e-3", help="learning rate(s) for --quality, comma separated: every method "
+                   "runs at each, and its best is reported")
+    p.add_argument("--methods", default="lora,dora,ffba", help="which of lora, dora, ffba --quality trains")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision for --quality")
     p.add_argument("--activations", default="identity,silu", help="FFBA φ values trained by --quality")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args(argv)
     if ns.repeats < 5 and not ns.quality:
         p.error("--repeats must be at least 5 (medians of fewer runs are too noisy to report)")
+    try:
+        lrs = [float(x) for x in ns.lr.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--lr: expected comma-separated numbers, got {ns.lr!r}")
+    if not lrs or not all(0 < lr < 1 for lr in lrs):
+        p.error(f"--lr: every learning rate must be in (0, 1), got {ns.lr!r}")
+    methods = [m for m in ns.methods.split(",") if m]
+    if not methods or set(methods) - {"lora", "dora", "ffba"}:
+        p.error(f"--methods: choose from lora, dora, ffba, got {ns.methods!r}")
     if ns.threads or ns.scale == "tiny":
         torch.set_num_threads(ns.threads or 1)
     scale = SCALES[ns.scale]
@@ -275,11 +305,14 @@ def main(argv: list[str]) -> int:
         if ns.quality:
             steps = ns.steps or scale["steps"]
             acts = [a for a in ns.activations.split(",") if a]
-            print(f"quality: {steps} steps, lr {ns.lr}, alpha = 2·rank for every method")
-            record.update({"mode": "quality", "steps": steps, "lr": ns.lr, "batch_size": ns.batch_size or scale["batch_size"],
-                           "quality": quality(name, lora_rank, ffba_rank, steps, ns.lr, acts, Path(tmp),
-                                              ns.scale == "tiny", ns.batch_size or scale["batch_size"],
-                                              ns.eval_examples or scale["eval_examples"])})
+            print(f"quality: {steps} steps, lr {', '.join(f'{lr:g}' for lr in lrs)}, {ns.precision}, "
+                  "alpha = 2·rank for every method")
+            quality_rows = quality(name, lora_rank, ffba_rank, steps, lrs, methods, acts, Path(tmp),
+                                   ns.scale == "tiny", ns.batch_size or scale["batch_size"],
+                                   ns.eval_examples or scale["eval_examples"], ns.precision)
+            record.update({"mode": "quality", "steps": steps, "lrs": lrs, "precision": ns.precision,
+                           "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
+            print(_quality_table(quality_rows))
         else:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
                 ns.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)

@@ -109,38 +109,72 @@ def _small_data(path: Path, n: int) -> str:
     return str(path)
 
 
-def configurations(ranks: list[int], lr: float, lr_simple: float, lora_sweep: list[tuple[float, float]]):
-    """(label, rank, overrides) for every run of the comparison."""
-    out = [("full", None, ["method=full", f"lr={lr}"])]
+def configurations(ranks: list[int], full_lrs: list[float], loft_lrs: list[float], simple_lrs: list[float],
+                   lora_sweep: list[tuple[float, float]]):
+    """(label, rank, overrides) for every run of the comparison. Every method gets an lr sweep (LoFT and
+    LoFT simple are alpha-invariant, so alpha is not swept for them). DoRA's overrides are None: it runs
+    at the best LoRA setting of its rank, known once the LoRA sweep before it has run (`dora_at`)."""
+    out = [(f"full lr={lr:g}", None, ["method=full", f"lr={lr}"]) for lr in full_lrs]
     for r in ranks:
         lora = ["method=lora", f"rank={r}"]
-        out.append(("loft", r, lora + ["optimizer=loft", "clip=0", f"lr={lr}", f"alpha={r}"]))
-        out.append(("loft-simple", r, lora + ["optimizer=loft", "clip=0", f"lr={lr_simple}", f"alpha={r}",
-                                              "optimizer_args.simple=true"]))
+        for loft_lr in loft_lrs:
+            out.append((f"loft lr={loft_lr:g}", r, lora + ["optimizer=loft", f"lr={loft_lr}", f"alpha={r}"]))
+        for simple_lr in simple_lrs:
+            out.append((f"loft-simple lr={simple_lr:g}", r, lora + ["optimizer=loft", f"lr={simple_lr}",
+                                                                   f"alpha={r}", "optimizer_args.simple=true"]))
         for lora_lr, alpha_per_r in lora_sweep:
             out.append((f"lora lr={lora_lr:g} a={alpha_per_r:g}r", r,
                         lora + [f"lr={lora_lr}", f"alpha={alpha_per_r * r}"]))
-        best_lr, best_alpha = lora_sweep[0]
-        out.append(("dora", r, ["method=dora", f"rank={r}", f"lr={best_lr}", f"alpha={best_alpha * r}"]))
+        out.append(("dora", r, None))
     return out
+
+
+def dora_at(rows: list[dict], rank: int, fallback: tuple[float, float]) -> tuple[str, list[str]]:
+    """DoRA's label and overrides: the lr and alpha of the best finished LoRA run at `rank` (else `fallback`)."""
+    best = _best([r for r in rows if r["rank"] == rank and "eval_loss" in r], "lora")
+    if best is None:
+        lr, alpha = fallback[0], fallback[1] * rank
+    else:
+        setting = dict(o.split("=", 1) for o in best["overrides"])
+        lr, alpha = float(setting["lr"]), float(setting["alpha"])
+    return f"dora lr={lr:g} a={alpha / rank:g}r", ["method=dora", f"rank={rank}", f"lr={lr}", f"alpha={alpha:g}"]
+
+
+def _best(rows: list[dict], kind: str) -> dict | None:
+    """The row of `kind` (lora, loft, loft-simple, dora) with the lowest held-out loss, or None."""
+    runs = [r for r in rows if r["label"].split(" ")[0] == kind]
+    return min(runs, key=lambda r: r["eval_loss"]) if runs else None
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    """Per rank: best LoRA of the sweep (chosen on held-out loss, which favours LoRA), LoFT, gap closed."""
-    full = next((r["eval_loss"] for r in rows if r["label"] == "full" and "eval_loss" in r), None)
+    """Per rank: the best of each sweep (chosen on the held-out set: the same favour for every method), and
+    the share of the gap between the best LoRA and full fine-tuning that the best LoFT closes."""
+    best_full = _best([r for r in rows if "eval_loss" in r], "full")
+    full = best_full and best_full["eval_loss"]
     out = []
     for rank in sorted({r["rank"] for r in rows if r["rank"] is not None}):
-        at = {r["label"]: r for r in rows if r["rank"] == rank and "eval_loss" in r}
-        loras = [r for label, r in at.items() if label.startswith("lora")]
-        best = min(loras, key=lambda r: r["eval_loss"]) if loras else None
-        line = {"rank": rank, "full": full, "lora_best": best and best["eval_loss"],
-                "lora_best_label": best and best["label"]}
-        for label in ("loft", "loft-simple", "dora"):
-            line[label] = at[label]["eval_loss"] if label in at else None
-        if full is not None and best is not None and line["loft"] is not None and best["eval_loss"] > full:
-            line["gap_closed"] = (best["eval_loss"] - line["loft"]) / (best["eval_loss"] - full)
+        at = [r for r in rows if r["rank"] == rank and "eval_loss" in r]
+        line = {"rank": rank, "full": full, "full_label": best_full and best_full["label"]}
+        for kind in ("lora", "loft", "loft-simple", "dora"):
+            best = _best(at, kind)
+            line[kind] = best and best["eval_loss"]
+            line[f"{kind}_label"] = best and best["label"]
+        lora, loft = line["lora"], line["loft"]
+        if full is not None and lora is not None and loft is not None and lora > full:
+            line["gap_closed"] = (lora - loft) / (lora - full)
         out.append(line)
     return out
+
+
+def _reusable(path: str | None, common: list[str]) -> dict:
+    """Finished runs of an earlier (partial) result file with the same common settings, by overrides."""
+    if not path or not Path(path).exists():
+        return {}
+    old = json.loads(Path(path).read_text())
+    if old.get("common") != common:
+        raise SystemExit(f"--reuse: {path} was made with other settings ({old.get('common')}); "
+                         "use another --out or drop --reuse")
+    return {json.dumps(r["overrides"]): r for r in old.get("rows", []) if "eval_loss" in r}
 
 
 def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
@@ -158,6 +192,14 @@ def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
         if base and "peak_mb" in row:
             row["peak_vs_lora"] = row["peak_mb"] / base
     return rows
+
+
+def _write(path: str, payload: dict) -> None:
+    """Atomic: a bench stopped mid-write leaves the previous version, never half a file."""
+    from rankwise.train.checkpoint import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(payload, indent=2))
 
 
 def _print_rows(rows: list[dict]) -> None:
@@ -178,10 +220,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--batch-size", type=int)
     ap.add_argument("--max-length", type=int)
     ap.add_argument("--eval-examples", type=int)
-    ap.add_argument("--lr", type=float, help="learning rate of full fine-tuning and LoFT")
-    ap.add_argument("--lr-simple", type=float,
-                    help="learning rate of LoFT simple: its Adam step is taken in factor space, like LoRA's")
-    ap.add_argument("--lora-sweep", help="LoRA+AdamW (and DoRA: first entry) settings, 'lr:alpha/r,...'")
+    ap.add_argument("--lr", help="full fine-tuning's lr sweep, comma-separated (also LoFT's, unless --loft-lrs)")
+    ap.add_argument("--loft-lrs", help="LoFT's lr sweep, comma-separated (default: --lr)")
+    ap.add_argument("--lr-simple", help="LoFT simple's lr sweep, comma-separated: its Adam step is taken in "
+                    "factor space, like LoRA's")
+    ap.add_argument("--lora-sweep", help="LoRA+AdamW settings, 'lr:alpha/r,...' (DoRA runs at the best of them)")
     ap.add_argument("--methods", default="full,loft,loft-simple,lora,dora",
                     help="which of full, loft, loft-simple, lora, dora to run (comma-separated)")
     ap.add_argument("--memory-rank", type=int, help="rank of the memory check (0 skips it; default 16, tiny 0)")
@@ -189,13 +232,18 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-quality", action="store_true", help="only the memory check")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--out", help="write all results as JSON here")
+    ap.add_argument("--out", help="write all results as JSON here (after every run, so a stopped bench keeps them)")
+    ap.add_argument("--reuse", action="store_true", help="keep the finished runs already in --out (same settings)")
     args = ap.parse_args(argv)
+    if args.reuse and not args.out:
+        ap.error("--reuse needs --out: the file whose finished runs it keeps")
     scale = SCALES[args.scale]
     ranks = [int(r) for r in (args.ranks or scale["ranks"]).split(",")]
     sweep = [tuple(float(x) for x in item.split(":")) for item in (args.lora_sweep or scale["lora_sweep"]).split(",")]
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
-    lr = args.lr or scale["lr"]
+    lrs = [float(x) for x in str(args.lr or scale["lr"]).split(",")]
+    loft_lrs = [float(x) for x in args.loft_lrs.split(",")] if args.loft_lrs else lrs
+    simple_lrs = [float(x) for x in str(args.lr_simple or scale["lr_simple"]).split(",")]
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
     import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
     started = time.time()
@@ -208,17 +256,23 @@ def main(argv: list[str]) -> int:
                   f"precision={args.precision}", f"threads={args.threads}", "seed=0"]
         if scale["examples"]:
             common.append(f"data={_small_data(Path(tmp) / 'data.jsonl', scale['examples'])}")
-        rows = []
+        settings = [c.replace(tmp, "<tmp>") for c in common] + [f"steps={steps}"]  # what --reuse must match
+        rows, done = [], _reusable(args.out, settings) if args.reuse else {}
         if not args.skip_quality:
             methods = set(args.methods.split(","))
-            runs = [c for c in configurations(ranks, lr, args.lr_simple or scale["lr_simple"], sweep)
-                    if c[0].split(" ")[0] in methods]
+            runs = [c for c in configurations(ranks, lrs, loft_lrs, simple_lrs, sweep) if c[0].split(" ")[0] in methods]
             for i, (label, rank, extra) in enumerate(runs):
-                over = common + extra + [f"steps={steps}", f"out={tmp}/run-{i}"]
-                result = _in_child(_one, over, i == 0)
-                rows.append({"label": label, "rank": rank, "overrides": extra, **result})
+                if extra is None:
+                    label, extra = dora_at(rows, rank, sweep[0])
+                result = done.get(json.dumps(extra))
+                if result is None:
+                    over = common + extra + [f"steps={steps}", f"out={tmp}/run-{i}"]
+                    result = _in_child(_one, over, i == 0)
+                rows.append({**result, "label": label, "rank": rank, "overrides": extra})
                 print(f"[{time.time() - started:6.0f}s] {label} r={rank}: "
                       + (result.get("error") or f"held-out {result['eval_loss']:.4f}"), flush=True)
+                if args.out:  # partial results survive a long run being stopped
+                    _write(args.out, {"partial": True, "common": settings, "steps": steps, "rows": rows})
         memory = memory_check(common, memory_rank, args.memory_steps) if memory_rank else []
     print(f"\nLoFT bench, scale {args.scale}: {steps} steps, batch {batch}, {args.precision}, "
           f"{time.time() - started:.0f} s in all")
@@ -226,14 +280,14 @@ def main(argv: list[str]) -> int:
         _print_rows(rows)
         start = rows[0].get("eval_loss_start")
         print(f"\nheld-out loss before training: {start:.4f}" if start is not None else "")
-        print(f"{'rank':>4}{'full':>9}{'LoRA*':>9}{'DoRA':>9}{'LoFT':>9}{'simple':>9}{'gap closed':>12}")
+        print(f"{'rank':>4}{'full':>9}{'LoRA*':>9}{'DoRA':>9}{'LoFT*':>9}{'simple*':>9}{'gap closed':>12}")
         summary = summarize(rows)
         fmt = lambda v: f"{v:>9.4f}" if v is not None else f"{'-':>9}"  # noqa: E731
         for s in summary:
             gap = f"{100 * s['gap_closed']:>11.0f}%" if "gap_closed" in s else f"{'-':>12}"
-            print(f"{s['rank']:>4}{fmt(s['full'])}{fmt(s['lora_best'])}{fmt(s['dora'])}{fmt(s['loft'])}"
+            print(f"{s['rank']:>4}{fmt(s['full'])}{fmt(s['lora'])}{fmt(s['dora'])}{fmt(s['loft'])}"
                   f"{fmt(s['loft-simple'])}{gap}")
-        print("LoRA* = best of the LoRA+AdamW sweep on the same held-out set (optimistic for LoRA)")
+        print("* = best of its lr sweep on the same held-out set (LoRA: lr and alpha)")
     else:
         summary = []
     if memory:
@@ -243,10 +297,9 @@ def main(argv: list[str]) -> int:
             if "peak_vs_lora" in row:
                 print(f"  {row['label']}: peak {row['peak_vs_lora']:.3f}x LoRA+AdamW")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"scale": args.scale, "steps": steps, "batch_size": batch,
-                                              "precision": args.precision, "lr": lr, "lora_sweep": sweep,
-                                              "rows": rows, "summary": summary, "memory": memory}, indent=2))
+        _write(args.out, {"scale": args.scale, "common": settings, "steps": steps, "batch_size": batch,
+                          "precision": args.precision, "lrs": lrs, "loft_lrs": loft_lrs, "simple_lrs": simple_lrs,
+                          "lora_sweep": sweep, "rows": rows, "summary": summary, "memory": memory})
     failed = [r for r in rows + memory if "error" in r]
     return 1 if failed else 0
 

@@ -20,12 +20,9 @@ class Settings:
     dropout: float = 0.0
 
     def check(self) -> "Settings":
-        if self.rank <= 0:
-            raise ConfigError(f"ffba: rank must be a positive integer, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"ffba: alpha must be positive, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"ffba: dropout must be in [0, 1), got {self.dropout}")
+        from rankwise.methods import check_low_rank  # here: rankwise.methods imports this package
+
+        check_low_rank(self, who="ffba: ")
         unknown = [b for b in self.blocks if b not in BLOCKS]
         if unknown or not self.blocks:
             raise ConfigError(f"ffba: method_args.blocks must be a non-empty subset of {list(BLOCKS)}, "

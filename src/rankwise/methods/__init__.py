@@ -36,14 +36,15 @@ class Method:
         raise ConfigError(f"method {self.name!r} cannot be merged into the base weights")
 
 
-def check_low_rank(cfg: Config) -> None:
-    """The checks every rank/alpha/dropout adapter shares."""
+def check_low_rank(cfg, who: str = "") -> None:
+    """The checks every rank/alpha/dropout adapter shares (`cfg`: a Config or any object with those fields;
+    `who` prefixes the message, e.g. "ffba: ")."""
     if cfg.rank <= 0:
-        raise ConfigError(f"rank must be a positive integer, got {cfg.rank}")
+        raise ConfigError(f"{who}rank must be a positive integer, got {cfg.rank}")
     if cfg.alpha <= 0:
-        raise ConfigError(f"alpha must be positive, got {cfg.alpha}")
+        raise ConfigError(f"{who}alpha must be positive, got {cfg.alpha}")
     if not 0.0 <= cfg.dropout < 1.0:
-        raise ConfigError(f"dropout must be in [0, 1), got {cfg.dropout}")
+        raise ConfigError(f"{who}dropout must be in [0, 1), got {cfg.dropout}")
 
 
 METHODS: dict[str, Method] = {}

@@ -32,6 +32,14 @@ def get_optimizer(name: str) -> OptimizerEntry:
     return OPTIMIZERS[name]
 
 
+def closure_loss(closure):
+    """torch.optim's closure contract: re-evaluate the loss with gradients enabled, or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from rankwise.config import Config, ConfigError
-from rankwise.optim import register
+from rankwise.optim import closure_loss, register
 from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, ridge_inverse
 
 __all__ = ["LoFT"]
@@ -111,10 +111,7 @@ class LoFT(torch.optim.Optimizer):
     # ---- one step ------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         lora = self.param_groups[0]
         work = []  # per pair: both sides with their scaled gradients, before anything moves
         norms_sq = []  # squared norms, kept on the device: one host sync per step

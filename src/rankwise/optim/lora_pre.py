@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from rankwise.config import Config, ConfigError
-from rankwise.optim import register
+from rankwise.optim import closure_loss, register
 
 __all__ = ["LoRAPreAdam", "lora_pre_groups", "advance_factors", "optimizer_state_bytes"]
 
@@ -95,6 +95,22 @@ class _LowRankOptimizer(torch.optim.Optimizer):
                 state[name] = torch.randn(r, cols, device=p.device, dtype=torch.float32) * group["init_std"]
         return state
 
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure_loss(closure)
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if _low_rank(p, group):
+                    self._step_low_rank(p, p.grad.float(), self.state[p], group)
+                else:
+                    _adamw_step(p, p.grad.float(), self.state[p], group)
+        return loss
+
+    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        raise NotImplementedError
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         # torch casts floating state to the parameter's dtype; the factors must stay fp32, bit for bit
@@ -122,37 +138,22 @@ class LoRAPreAdam(_LowRankOptimizer):
                         scale=scale, init_std=init_std)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            gamma1 = 1 - math.sqrt(beta1)  # (1-gamma1)^2 = beta1: the product m_B m_A decays at beta1
-            gamma2 = 1 - beta2 ** 0.25  # the |g| product decays at sqrt(beta2), its square at beta2
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                state = self.state[p]
-                if not _low_rank(p, group):
-                    _adamw_step(p, g, state, group)
-                    continue
-                if not state:
-                    state.update(self._init_factors(p, group, ("m_B", "m_A", "v_B", "v_A")))
-                state["step"] += 1
-                t = state["step"]
-                # the current gradient enters at full rank; only the history is low rank (transient p x q)
-                m = (state["m_B"] @ state["m_A"]).mul_(beta1).add_(g, alpha=1 - beta1)
-                v = (state["v_B"] @ state["v_A"]).square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                advance_factors(state["m_B"], state["m_A"], g, gamma1, group["delta"])
-                advance_factors(state["v_B"], state["v_A"], g.abs(), gamma2, group["delta"])
-                m.div_(1 - beta1 ** t)
-                v.div_(1 - beta2 ** t)
-                _apply(p, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
-        return loss
+    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        gamma1 = 1 - math.sqrt(beta1)  # (1-gamma1)^2 = beta1: the product m_B m_A decays at beta1
+        gamma2 = 1 - beta2 ** 0.25  # the |g| product decays at sqrt(beta2), its square at beta2
+        if not state:
+            state.update(self._init_factors(p, group, ("m_B", "m_A", "v_B", "v_A")))
+        state["step"] += 1
+        t = state["step"]
+        # the current gradient enters at full rank; only the history is low rank (transient p x q)
+        m = (state["m_B"] @ state["m_A"]).mul_(beta1).add_(g, alpha=1 - beta1)
+        v = (state["v_B"] @ state["v_A"]).square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        advance_factors(state["m_B"], state["m_A"], g, gamma1, group["delta"])
+        advance_factors(state["v_B"], state["v_A"], g.abs(), gamma2, group["delta"])
+        m.div_(1 - beta1 ** t)
+        v.div_(1 - beta2 ** t)
+        _apply(p, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
 
 
 def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adamw") -> list[dict]:

@@ -14,8 +14,7 @@ import torch
 
 from rankwise.config import Config
 from rankwise.optim import register
-from rankwise.optim.lora_pre import (_adamw_step, _apply, _low_rank, _LowRankOptimizer, advance_factors,
-                                     check_full_rank_optimizer)
+from rankwise.optim.lora_pre import _apply, _LowRankOptimizer, advance_factors, check_full_rank_optimizer
 
 __all__ = ["LoRAPreMuon", "newton_schulz"]
 
@@ -49,33 +48,18 @@ class LoRAPreMuon(_LowRankOptimizer):
                         init_std=init_std)
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            mu = group["momentum"]
-            gamma = 1 - math.sqrt(mu)  # (1-gamma)^2 = mu: the factor product decays at mu
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad.float()
-                state = self.state[p]
-                if not _low_rank(p, group):
-                    _adamw_step(p, g, state, group)
-                    continue
-                if not state:
-                    state.update(self._init_factors(p, group, ("m_B", "m_A")))
-                state["step"] += 1
-                m = (state["m_B"] @ state["m_A"]).mul_(mu).add_(g)
-                # regress g / (1 - mu): the product then moves to mu * history + g, i.e. to m_t
-                advance_factors(state["m_B"], state["m_A"], g / (1 - mu), gamma, group["delta"])
-                direction = g.add(m, alpha=mu) if group["nesterov"] else m
-                rms_match = 0.2 * math.sqrt(max(p.shape))
-                _apply(p, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
-        return loss
+    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+        mu = group["momentum"]
+        gamma = 1 - math.sqrt(mu)  # (1-gamma)^2 = mu: the factor product decays at mu
+        if not state:
+            state.update(self._init_factors(p, group, ("m_B", "m_A")))
+        state["step"] += 1
+        m = (state["m_B"] @ state["m_A"]).mul_(mu).add_(g)
+        # regress g / (1 - mu): the product then moves to mu * history + g, i.e. to m_t
+        advance_factors(state["m_B"], state["m_A"], g / (1 - mu), gamma, group["delta"])
+        direction = g.add(m, alpha=mu) if group["nesterov"] else m
+        rms_match = 0.2 * math.sqrt(max(p.shape))
+        _apply(p, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
 
 
 MUON_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
