@@ -266,11 +266,23 @@ def quiet(*_args, **_kwargs):
     pass
 
 
+def train_or_one_line_error(cfg, label) -> dict | None:
+    """Train; a run that fails must fail with one of our one-line errors (then None, tallied by `label`)."""
+    from rankwise.train.recipe import TrainingDiverged, train
+
+    try:
+        summary = train(cfg, say=quiet)
+    except (ConfigError, DataError, TrainingDiverged) as e:
+        event(label(e))
+        assert_one_line(e)
+        return None
+    event("ran")
+    return summary
+
+
 @fuzz(8, fixtures=True)
 @given(extra=run_overrides())
 def test_valid_configs_run_to_a_finite_loss_or_fail_clearly(tiny_cfg, fuzz_paths, extra):
-    from rankwise.train.recipe import TrainingDiverged, train
-
     base = dict(data=fuzz_paths["data"], out=fuzz_paths["root"] / "run", overwrite="true", eval_examples=4,
                 eval_every=0)
     try:
@@ -280,14 +292,9 @@ def test_valid_configs_run_to_a_finite_loss_or_fail_clearly(tiny_cfg, fuzz_paths
         event("rejected by validate")
         assert_one_line(e)
         return
-    try:
-        summary = train(cfg, say=quiet)
-    except (ConfigError, DataError, TrainingDiverged) as e:
-        event(f"run: {type(e).__name__}")
-        assert_one_line(e)
-        return
-    event("ran")
-    assert math.isfinite(summary["eval_loss"]) and summary["step"] == cfg.steps
+    summary = train_or_one_line_error(cfg, lambda e: f"run: {type(e).__name__}")
+    if summary is not None:
+        assert math.isfinite(summary["eval_loss"]) and summary["step"] == cfg.steps
 
 
 # ---- 3. JSONL data: accepted, or a DataError naming file:line ---------------------------------------
@@ -391,20 +398,13 @@ def small_dataset(draw):
 @fuzz(3, fixtures=True)
 @given(rows=small_dataset())
 def test_small_datasets_train_or_fail_clearly(tiny_cfg, fuzz_paths, rows):
-    from rankwise.train.recipe import TrainingDiverged, train
-
     data = fuzz_paths["root"] / "small.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = tiny_cfg(data=data, out=fuzz_paths["root"] / "small-run", overwrite="true", steps=1, eval_examples=4,
                    eval_every=0, max_length=256, count_flops="false")
-    try:
-        summary = train(cfg, say=quiet)
-    except (ConfigError, DataError, TrainingDiverged) as e:
-        event(f"{type(e).__name__}: {str(e)[:20]}")
-        assert_one_line(e)
-        return
-    event("ran")
-    assert math.isfinite(summary["eval_loss"]) and summary["eval_loss"] > 0
+    summary = train_or_one_line_error(cfg, lambda e: f"{type(e).__name__}: {str(e)[:20]}")
+    if summary is not None:
+        assert math.isfinite(summary["eval_loss"]) and summary["eval_loss"] > 0
 
 
 # ---- found by fuzzing: each of these was a deep traceback before its fix ---------------------------------

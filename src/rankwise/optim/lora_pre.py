@@ -84,6 +84,15 @@ class _LowRankOptimizer(torch.optim.Optimizer):
         """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
         return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
 
+    @classmethod
+    def from_config(cls, model: nn.Module, cfg: Config):
+        """The recipe's entry: cfg.lr, betas and weight_decay; rank (default cfg.rank), targets, rest and
+        the optimizer's own options from cfg.optimizer_args."""
+        args = dict(cfg.optimizer_args)
+        rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
+        return cls.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
+                             weight_decay=cfg.weight_decay, **args)
+
     def _init_factors(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         rows, cols = p.shape
         r = group["rank"]
@@ -263,11 +272,4 @@ ARG_RULES = {
 }
 
 
-def _build_adam(model, cfg: Config) -> LoRAPreAdam:
-    args = dict(cfg.optimizer_args)
-    rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
-    return LoRAPreAdam.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
-                                 weight_decay=cfg.weight_decay, **args)
-
-
-register("lorapre", _build_adam, lambda cfg: check_full_rank_optimizer(cfg, "lorapre", ADAM_ARGS))
+register("lorapre", LoRAPreAdam.from_config, lambda cfg: check_full_rank_optimizer(cfg, "lorapre", ADAM_ARGS))

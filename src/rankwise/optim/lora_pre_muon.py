@@ -12,7 +12,6 @@ import math
 
 import torch
 
-from rankwise.config import Config
 from rankwise.optim import register
 from rankwise.optim.lora_pre import _apply, _LowRankOptimizer, advance_factors, check_full_rank_optimizer
 
@@ -65,11 +64,4 @@ class LoRAPreMuon(_LowRankOptimizer):
 MUON_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
 
 
-def _build(model, cfg: Config) -> LoRAPreMuon:
-    args = dict(cfg.optimizer_args)
-    rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
-    return LoRAPreMuon.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
-                                 weight_decay=cfg.weight_decay, **args)
-
-
-register("lorapre-muon", _build, lambda cfg: check_full_rank_optimizer(cfg, "lorapre-muon", MUON_ARGS))
+register("lorapre-muon", LoRAPreMuon.from_config, lambda cfg: check_full_rank_optimizer(cfg, "lorapre-muon", MUON_ARGS))
