@@ -264,13 +264,14 @@ def test_bench_summary_takes_each_sweeps_best_and_the_gap_it_closes():
 
 
 def test_bench_reuse_keeps_finished_runs_only_for_the_same_settings(tmp_path):
-    from rankwise.bench.loft import _reusable, _write
+    from rankwise.bench import write_json
+    from rankwise.bench.loft import _reusable
 
     out = tmp_path / "loft.json"
     settings = ["model=default", "batch_size=8", "steps=30"]
     done = {"label": "lora", "rank": 1, "overrides": ["method=lora", "rank=1"], "eval_loss": 2.5}
     failed = {"label": "loft", "rank": 1, "overrides": ["method=lora", "optimizer=loft"], "error": "x"}
-    _write(str(out), {"partial": True, "common": settings, "rows": [done, failed]})
+    write_json(out, {"partial": True, "common": settings, "rows": [done, failed]})
     assert _reusable(str(out), settings) == {json.dumps(done["overrides"]): done}  # the failed run reruns
     assert _reusable(str(tmp_path / "absent.json"), settings) == {}
     with pytest.raises(SystemExit, match="other settings"):

@@ -6,6 +6,8 @@ they use the library, never the other way round.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Callable
 
 from rankwise.config import ConfigError
@@ -15,6 +17,15 @@ BENCHES: dict[str, Callable[[list[str]], int]] = {}
 
 def register(name: str, main: Callable[[list[str]], int]) -> None:
     BENCHES[name] = main
+
+
+def write_json(path, payload, indent: int = 2, default=None) -> None:
+    """Write a result file atomically (a bench stopped mid-write leaves the previous version, never half a
+    file), creating its folder."""
+    from rankwise.train.checkpoint import atomic_write_text
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(payload, indent=indent, default=default) + "\n")
 
 
 def run_bench(name: str, argv: list[str]) -> int:

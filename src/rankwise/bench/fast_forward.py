@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 
 SCALES = {
     # base: config for every run; paper / tuned / control: what each regime changes
@@ -333,7 +333,7 @@ def main(argv: list[str]) -> int:
                "settings": scale, "results": results, "elapsed_seconds": elapsed,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
-        Path(args.out).write_text(json.dumps(payload, indent=1))
+        write_json(args.out, payload, indent=1)
     if args.plot:
         plot(results, Path(args.plot))
     return 0

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 
 SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples
     "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16},
@@ -336,8 +336,7 @@ def main(argv: list[str]) -> int:
     record["wall_seconds"] = time.perf_counter() - started
     print(f"done in {record['wall_seconds']:.0f} s")
     if ns.out:
-        Path(ns.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(ns.out).write_text(json.dumps(record, indent=2, default=str) + "\n")
+        write_json(ns.out, record, default=str)
         print(f"wrote {ns.out}")
     return 0
 

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 
 SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
     "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
@@ -194,14 +194,6 @@ def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
     return rows
 
 
-def _write(path: str, payload: dict) -> None:
-    """Atomic: a bench stopped mid-write leaves the previous version, never half a file."""
-    from rankwise.train.checkpoint import atomic_write_text
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(path), json.dumps(payload, indent=2))
-
-
 def _print_rows(rows: list[dict]) -> None:
     print(f"{'config':<24}{'rank':>5}{'held-out':>10}{'step s':>9}{'peak MB':>9}{'state MB':>10}")
     for r in rows:
@@ -272,7 +264,7 @@ def main(argv: list[str]) -> int:
                 print(f"[{time.time() - started:6.0f}s] {label} r={rank}: "
                       + (result.get("error") or f"held-out {result['eval_loss']:.4f}"), flush=True)
                 if args.out:  # partial results survive a long run being stopped
-                    _write(args.out, {"partial": True, "common": settings, "steps": steps, "rows": rows})
+                    write_json(args.out, {"partial": True, "common": settings, "steps": steps, "rows": rows})
         memory = memory_check(common, memory_rank, args.memory_steps) if memory_rank else []
     print(f"\nLoFT bench, scale {args.scale}: {steps} steps, batch {batch}, {args.precision}, "
           f"{time.time() - started:.0f} s in all")
@@ -297,7 +289,7 @@ def main(argv: list[str]) -> int:
             if "peak_vs_lora" in row:
                 print(f"  {row['label']}: peak {row['peak_vs_lora']:.3f}x LoRA+AdamW")
     if args.out:
-        _write(args.out, {"scale": args.scale, "common": settings, "steps": steps, "batch_size": batch,
+        write_json(args.out, {"scale": args.scale, "common": settings, "steps": steps, "batch_size": batch,
                           "precision": args.precision, "lrs": lrs, "loft_lrs": loft_lrs, "simple_lrs": simple_lrs,
                           "lora_sweep": sweep, "rows": rows, "summary": summary, "memory": memory})
     failed = [r for r in rows + memory if "error" in r]

@@ -35,7 +35,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 
 VARIANTS = ("lora", "peft-lora-fa", "lora-fa")
 MIB = 2**20
@@ -239,7 +239,7 @@ def _memory_main(ns) -> int:
                   f"saved {row['saved_mib']:7.0f} MiB  ({row['seconds']:.1f} s step)", flush=True)
             rows.append(row)
             if ns.out:  # after every row, so a long run that is stopped still leaves its numbers
-                Path(ns.out).write_text(json.dumps({"mode": "memory", "rows": rows}, indent=1))
+                write_json(ns.out, {"mode": "memory", "rows": rows}, indent=1)
     print(f"\nmodel={model} batch={batch} seq={seq} precision={ns.precision} targets={ns.targets} "
           f"dropout={ns.dropout} device={ns.device}\n")
     print(_memory_table(rows))
@@ -324,7 +324,7 @@ def _params_main(ns) -> int:
               f"{a['adapter_bytes'] / 1e6:.2f} MB | {b['trainable']:,} | {b['percent']:.3f}% | "
               f"{b['adapter_bytes'] / 1e6:.2f} MB |")
     if ns.out:
-        Path(ns.out).write_text(json.dumps({"mode": "params", "rows": rows}, indent=1))
+        write_json(ns.out, {"mode": "params", "rows": rows}, indent=1)
     return 0
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import json
 import multiprocessing
 import os
 import platform
@@ -23,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 from rankwise.optim import optimizer_state_bytes
 from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
@@ -230,8 +229,7 @@ def main(argv: list[str]) -> int:
                                                for k, v in checks.items()))
     print(f"wall time {result['wall_seconds']:.0f} s")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+        write_json(args.out, result, default=str)
     return 0
 
 
@@ -245,11 +243,9 @@ def finetune_main(args) -> int:
               f"{r['eval_loss']:>9.4f} {r['optimizer_state_bytes'] / 2**20:>9.2f} {r['trainable_params']:>11,} "
               f"{r.get('peak_rss_growth_bytes', 0) / 2**20:>9.1f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"bench": "optimizers --finetune", "scale": args.scale, "runs": rows,
-                                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                                                  timespec="seconds"),
-                                              "wall_seconds": time.perf_counter() - started}, indent=2))
+        write_json(args.out, {"bench": "optimizers --finetune", "scale": args.scale, "runs": rows,
+                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                              "wall_seconds": time.perf_counter() - started})
     return 0
 
 

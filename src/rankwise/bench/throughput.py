@@ -8,7 +8,6 @@ reported figure is the median over repeats of tokens/s (non-pad tokens), first s
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import tempfile
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register
+from rankwise.bench import register, write_json
 from rankwise.config import load_config
 
 WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
@@ -134,7 +133,7 @@ def main(argv: list[str]) -> int:
           f"| Trainer + PEFT | {theirs:.1f} | {', '.join(f'{x:.0f}' for x in results['trainer'])} |\n"
           f"\nratio rankwise / Trainer = {ours / theirs:.3f}")
     if ns.out:
-        Path(ns.out).write_text(json.dumps(report, indent=2))
+        write_json(ns.out, report)
     return 0
 
 
