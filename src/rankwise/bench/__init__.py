@@ -6,6 +6,8 @@ they use the library, never the other way round.
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 from pathlib import Path
 from typing import Callable
@@ -26,6 +28,32 @@ def write_json(path, payload, indent: int = 2, default=None) -> None:
 
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(path), json.dumps(payload, indent=indent, default=default) + "\n")
+
+
+def proc_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its peak since the last reset)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(f"{field} is not in /proc/self/status")
+
+
+def trim_heap() -> None:
+    """Collect garbage and give freed heap back to the OS, so RSS counts what is live (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: RSS may include freed memory
+        pass
+
+
+def reset_peak_rss() -> None:
+    """trim_heap, then VmHWM := VmRSS (/proc/self/clear_refs), so the next VmHWM is the peak from here."""
+    trim_heap()
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 def run_bench(name: str, argv: list[str]) -> int:

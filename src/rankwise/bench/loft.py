@@ -10,8 +10,6 @@ torch allocator's peak is reported instead. Optimizer state bytes are counted ex
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import multiprocessing
 import statistics
@@ -19,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import register, write_json
+from rankwise.bench import proc_kib, register, reset_peak_rss, write_json
 
 SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
     "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
@@ -27,25 +25,6 @@ SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA swe
     "default": dict(steps=60, batch=8, max_length=256, eval_examples=64, lr=1e-4, lr_simple=5e-4, ranks="1,2,4,16",
                     lora_sweep="2e-4:2,5e-4:2,1e-3:2,5e-4:1", memory_rank=16, examples=0),
 }
-
-
-def _status_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
-def _reset_peak() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # give freed load-time buffers back to the OS
-    except OSError:
-        pass
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    except OSError:
-        pass
 
 
 def _one(overrides: list[str], want_start: bool, conn) -> None:
@@ -62,12 +41,12 @@ def _one(overrides: list[str], want_start: bool, conn) -> None:
         cuda = run.device.type == "cuda"
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        _reset_peak()
-        rss_before = _status_kb("VmRSS") / 1024
+        reset_peak_rss()
+        rss_before = proc_kib("VmRSS") / 1024
         seconds = []
         for _ in range(cfg.steps):
             seconds.append(train_step(run)["seconds"])
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else _status_kb("VmHWM") / 1024
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else proc_kib("VmHWM") / 1024
         state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
                     for t in s.values() if torch.is_tensor(t))
         conn.send({"eval_loss": run.test_loss(), "eval_loss_start": start_loss,

@@ -24,36 +24,21 @@ the adapter's exact shapes: the size does not depend on the values).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import register, write_json
+from rankwise.bench import proc_kib, register, reset_peak_rss, trim_heap, write_json
 
 VARIANTS = ("lora", "peft-lora-fa", "lora-fa")
 MIB = 2**20
 
 
 # ---- measuring inside one worker process ----------------------------------------------------------
-def _proc_kib(field: str) -> int:
-    return int(re.search(field + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-
-
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:  # not glibc: RSS may include freed memory; the mmap threshold still applies
-        pass
-
-
 class SavedBytes:
     """Sum of distinct storages autograd saves for backward while active (parameters excluded)."""
 
@@ -139,8 +124,8 @@ def worker(spec: dict) -> dict:
     import peft.optimizers  # noqa: F401  (import the libraries before the baseline: RSS above it is training's)
     import transformers.models.llama.modeling_llama  # noqa: F401
 
-    _trim()
-    rss_start = _proc_kib("VmRSS")
+    trim_heap()
+    rss_start = proc_kib("VmRSS")
     model = load_model(spec["model"])
     model, optimizer = _build(spec["variant"], model, cfg)
     model.to(device).train()
@@ -151,7 +136,7 @@ def worker(spec: dict) -> dict:
         with saved or _null(), autocast():
             loss_sum, n = token_loss_sum(model, batch)
         if held is not None:
-            held.append(_proc_kib("VmRSS") if not cuda else torch.cuda.memory_allocated() // 1024)
+            held.append(proc_kib("VmRSS") if not cuda else torch.cuda.memory_allocated() // 1024)
         (loss_sum / n).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -161,19 +146,19 @@ def worker(spec: dict) -> dict:
     full, batch = batch, {k: v[:1] for k, v in batch.items()}
     step()  # warm-up on one sequence: gradients and optimizer state now exist, as in steady training
     batch = full
-    _trim()
+    trim_heap()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated() // 1024
     else:
-        before = _proc_kib("VmRSS")
-        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS, so the peak is this step's
+        before = proc_kib("VmRSS")
+        reset_peak_rss()  # VmHWM := VmRSS, so the peak is this step's
     saved, held = SavedBytes(model), []
     start = time.perf_counter()
     loss = step(saved, held)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() // 1024 if cuda else _proc_kib("VmHWM")
+    peak = torch.cuda.max_memory_allocated() // 1024 if cuda else proc_kib("VmHWM")
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
                 if torch.is_tensor(t) and t.dim() > 0)
     return {**spec, "loss": loss, "seconds": seconds,

@@ -26,33 +26,56 @@ from rankwise.bench import register, write_json
 from rankwise.optim import optimizer_state_bytes
 from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
+OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
+LOW_RANK = ("galore", "lorapre", "lorapre-muon")  # the optimizers with an update scale on their matrices
 SCALES = {
     # tiny: < 2 minutes on a shared 2-core CPU; GaLore r=16 vs LoRA-Pre r=2 on 64-wide matrices
     "tiny": dict(model="hidden=64 layers=2 heads=4 kv_heads=2 intermediate=172 vocab=1024 corpus_mb=3 seq_len=128 "
                        "batch_size=8 steps=60 warmup_steps=6", rank=16, gap=20,
                  lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                      "lorapre-muon": [1e-2, 3e-2]}),
+                      "lorapre-muon": [1e-2, 3e-2]}, update_scales=dict.fromkeys(LOW_RANK, [0.25])),
     # default: a 2.2M-parameter Llama (192 wide, 4 blocks), GaLore r=48 vs LoRA-Pre r=6
     "default": dict(model="hidden=192 layers=4 heads=4 kv_heads=4 intermediate=512 vocab=2048 corpus_mb=12 "
                           "seq_len=128 batch_size=16 steps=150 warmup_steps=15", rank=48, gap=50,
                     lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                         "lorapre-muon": [3e-2]}),
+                         "lorapre-muon": [3e-2]}, update_scales=dict.fromkeys(LOW_RANK, [0.25])),
 }
 
 
 def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int, out: Path) -> list[PretrainConfig]:
-    """One PretrainConfig per (optimizer, lr): GaLore at rank r, LoRA-Pre at rank r/8, AdamW full.
+    """One PretrainConfig per (optimizer, lr, update scale): GaLore at rank r, LoRA-Pre at rank r/8, AdamW full.
 
-    GaLore and LoRA-Pre both scale their matrix updates by 0.25 (GaLore's published setting, the LoRA-Pre
-    paper's parity setup), so at one lr their embeddings/norms/head (plain Adam) step alike."""
+    GaLore and LoRA-Pre scale their matrix updates (by default 0.25: GaLore's published setting, the
+    LoRA-Pre paper's parity setup), so at one lr their embeddings/norms/head (plain Adam) step alike;
+    sweeping the scale too decouples the matrices' step from the rest's."""
     base = scale["model"].split() + [f"threads={threads}", "eval_every=0", "progress=false", "save=false",
                                      "overwrite=true"] + ([f"steps={steps}"] if steps else [])
     r = scale["rank"]
     extra = {"adamw": [], "galore": [f"rank={r}", f"optimizer_args.update_proj_gap={scale['gap']}"],
-             "lorapre": [f"rank={max(1, r // 8)}", "optimizer_args.scale=0.25"],
-             "lorapre-muon": [f"rank={max(1, r // 8)}", "optimizer_args.scale=0.25"]}
-    return [parse_overrides(base + extra[name] + [f"optimizer={name}", f"lr={lr}", f"out={out / f'{name}-lr{lr:g}'}"])
-            for name in optimizers for lr in scale["lrs"][name]]
+             "lorapre": [f"rank={max(1, r // 8)}"], "lorapre-muon": [f"rank={max(1, r // 8)}"]}
+    out_cfgs = []
+    for name in optimizers:
+        for lr in scale["lrs"][name]:
+            for s in scale["update_scales"].get(name, [None]):
+                tag = f"{name}-lr{lr:g}" + (f"-s{s:g}" if s is not None else "")
+                update = [f"optimizer_args.scale={s}"] if s is not None else []
+                out_cfgs.append(parse_overrides(base + extra[name] + update + [f"optimizer={name}", f"lr={lr}",
+                                                                              f"out={out / tag}"]))
+    return out_cfgs
+
+
+def parse_grid(text: str, what: str) -> dict[str, list[float]]:
+    """'adamw=1e-3,3e-3;lorapre=3e-3' -> {'adamw': [0.001, 0.003], 'lorapre': [0.003]}; a clear error otherwise."""
+    grid = {}
+    for item in filter(None, text.split(";")):
+        name, _, values = item.partition("=")
+        try:
+            grid[name.strip()] = [float(v) for v in values.split(",")]
+        except ValueError:
+            raise SystemExit(f"{what}: '{item}' is not optimizer=number,number,...") from None
+        if name.strip() not in OPTIMIZERS:
+            raise SystemExit(f"{what}: unknown optimizer '{name.strip()}' (known: {', '.join(OPTIMIZERS)})")
+    return grid
 
 
 def _rss_bytes() -> int:
@@ -172,12 +195,12 @@ def verdict(best: dict[str, dict]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'optimizer':<13} {'rank':>4} {'lr':>7} {'val loss':>9} {'ppl':>8} {'state MiB':>9} "
+    lines = [f"{'optimizer':<13} {'rank':>4} {'lr':>7} {'scale':>6} {'val loss':>9} {'ppl':>8} {'state MiB':>9} "
              f"{'matrix MiB':>10} {'peak MiB':>9} {'s/step':>7}"]
     for r in rows:
         peak = r.get("peak_cuda_bytes") or r.get("peak_rss_growth_bytes") or 0
         lines.append(f"{r['optimizer']:<13} {r['rank'] if r['optimizer'] != 'adamw' else '-':>4} {r['lr']:>7.0e} "
-                     f"{r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} {r['optimizer_state_bytes'] / 2**20:>9.3f} "
+                     f"{r.get('update_scale') or '-':>6} {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} {r['optimizer_state_bytes'] / 2**20:>9.3f} "
                      f"{r['matrix_state_bytes'] / 2**20:>10.3f} {peak / 2**20:>9.1f} "
                      f"{r['train_seconds'] / max(1, r['steps']):>7.3f}")
     return "\n".join(lines)
@@ -187,9 +210,11 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rankwise bench optimizers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
-    parser.add_argument("--optimizers", default="adamw,galore,lorapre,lorapre-muon")
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--steps", type=int, help="override the scale's step count")
     parser.add_argument("--lrs", help="replace the scale's lr grid, e.g. 'adamw=1e-3,3e-3;lorapre=3e-3'")
+    parser.add_argument("--update-scales", help="sweep the matrix-update scale too (default 0.25 for galore and "
+                        "both lorapre), e.g. 'lorapre=0.0625,0.25;galore=0.125,0.25'")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1 is fastest on a busy box)")
     parser.add_argument("--workdir", default="runs/bench-optimizers")
     parser.add_argument("--out", help="write results as JSON here")
@@ -201,9 +226,15 @@ def main(argv: list[str]) -> int:
         return finetune_main(args)
     scale = SCALES[args.scale]
     if args.lrs:
-        grid = dict(item.split("=", 1) for item in args.lrs.split(";") if item)
-        scale = scale | {"lrs": scale["lrs"] | {k: [float(v) for v in lrs.split(",")] for k, lrs in grid.items()}}
+        scale = scale | {"lrs": scale["lrs"] | parse_grid(args.lrs, "--lrs")}
+    if args.update_scales:
+        grid = parse_grid(args.update_scales, "--update-scales")
+        if "adamw" in grid:
+            raise SystemExit("--update-scales: adamw has no update scale (it is the full-state baseline)")
+        scale = scale | {"update_scales": scale["update_scales"] | grid}
     names = [n for n in args.optimizers.split(",") if n]
+    if unknown := [n for n in names if n not in OPTIMIZERS]:
+        raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(OPTIMIZERS)})")
     cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale)
     started = time.perf_counter()
     prepare_data(cfgs[0])  # tokenizer and token streams once, before forking
@@ -213,7 +244,8 @@ def main(argv: list[str]) -> int:
         summary = isolated(_pretrain, cfg)
         rows.append(summary)
         rank = cfg.rank if cfg.optimizer != "adamw" else "-"
-        print(f"{cfg.optimizer:<13} rank {rank:>3} lr {cfg.lr:<7g} val loss {summary['val_loss']:.4f} "
+        update = f" scale {cfg.optimizer_args['scale']:g}" if "scale" in cfg.optimizer_args else ""
+        print(f"{cfg.optimizer:<13} rank {rank:>3} lr {cfg.lr:<7g}{update} val loss {summary['val_loss']:.4f} "
               f"({summary['train_seconds']:.0f} s)", flush=True)
     best = best_per_optimizer(rows)
     result = {"bench": "optimizers", "scale": args.scale, "config": dataclasses.asdict(cfgs[0]) | {"optimizer": None},

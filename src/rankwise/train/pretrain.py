@@ -276,7 +276,8 @@ def run(cfg: PretrainConfig, say=print) -> dict:
         log.write({"kind": "eval", "step": step, "val_loss": val})
     finally:
         log.close()
-    summary = {"optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr, "steps": step, "diverged": diverged,
+    summary = {"optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
+               "update_scale": cfg.optimizer_args.get("scale"), "steps": step, "diverged": diverged,
                "val_loss_start": val_start, "val_loss": val,
                "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
                "train_loss": loss, "params": n_params, "optimizer_state_bytes": optimizer_state_bytes(optimizer),

@@ -1,0 +1,50 @@
+"""`rankwise bench optimizers`: the sweep grid (lr x matrix-update scale) becomes the right runs, bad grids
+are refused before anything trains, and the verdict compares each LoRA-Pre variant with GaLore's best."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rankwise.bench.optimizers import SCALES, best_per_optimizer, configs, main, parse_grid, verdict
+
+
+def test_update_scales_multiply_the_lr_grid_for_low_rank_optimizers_only(tmp_path):
+    scale = SCALES["tiny"] | {"lrs": {"adamw": [1e-3], "galore": [1e-2], "lorapre": [1e-2, 3e-2]},
+                              "update_scales": {"galore": [0.25], "lorapre": [0.0625, 0.25]}}
+    cfgs = configs(scale, ["adamw", "galore", "lorapre"], 5, 1, tmp_path)
+    got = [(c.optimizer, c.lr, c.optimizer_args.get("scale"), c.rank) for c in cfgs]
+    assert got == [("adamw", 1e-3, None, 16), ("galore", 1e-2, 0.25, 16),
+                   ("lorapre", 1e-2, 0.0625, 2), ("lorapre", 1e-2, 0.25, 2),
+                   ("lorapre", 3e-2, 0.0625, 2), ("lorapre", 3e-2, 0.25, 2)]
+    assert len({c.out for c in cfgs}) == len(cfgs)  # every run writes its own directory
+    assert all(c.steps == 5 for c in cfgs)
+
+
+def test_parse_grid_and_bad_sweeps_are_refused_before_training(tmp_path, capsys):
+    assert parse_grid("adamw=1e-3,3e-3;lorapre=3e-3", "--lrs") == {"adamw": [1e-3, 3e-3], "lorapre": [3e-3]}
+    with pytest.raises(SystemExit, match="not optimizer=number"):
+        parse_grid("lorapre=fast", "--lrs")
+    with pytest.raises(SystemExit, match="unknown optimizer 'adam'"):
+        parse_grid("adam=1e-3", "--update-scales")
+    work = tmp_path / "w"
+    for argv, message in ((["--update-scales", "adamw=0.5"], "adamw has no update scale"),
+                          (["--optimizers", "adamw,sgd"], "unknown sgd")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--scale", "tiny", "--workdir", str(work)] + argv)
+    assert not work.exists()  # nothing was prepared or trained
+
+
+def test_verdict_uses_each_optimizers_best_run():
+    def row(name, lr, loss, state, matrices):
+        return {"optimizer": name, "lr": lr, "val_loss": loss, "optimizer_state_bytes": state,
+                "matrix_state_bytes": matrices}
+    rows = [row("galore", 1e-2, 4.2, 800, 300), row("galore", 3e-2, 4.0, 800, 300),
+            row("lorapre", 1e-2, 4.03, 500, 40), row("lorapre", 3e-2, 4.5, 500, 40),
+            row("lorapre-muon", 3e-2, 4.2, 450, 20)]
+    v = verdict(best_per_optimizer(rows))
+    assert v["lorapre"]["val_loss_rel_to_galore"] == pytest.approx(4.03 / 4.0 - 1)
+    assert v["lorapre"]["loss_within_1pct"] and v["lorapre"]["matrices_at_most_one_sixth"]
+    assert not v["lorapre"]["all_at_most_one_sixth"]
+    assert not v["lorapre-muon"]["loss_within_1pct"]
+    assert verdict(best_per_optimizer(rows[2:])) == {}  # no GaLore run: nothing to compare with
