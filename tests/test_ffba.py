@@ -212,7 +212,8 @@ def test_fused_follows_the_configured_attention_function():
     assert fused_model.config._attn_implementation == "eager"
 
 
-@pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""]])
+@pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""],
+                                  ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 
@@ -231,3 +232,17 @@ def test_quality_table_compares_each_best_with_loras_best():
     assert "ffba (identity): -0.0100 vs LoRA's best (no worse than LoRA: met)" in table
     results["ffba (identity)"]["eval_loss"] = 2.59
     assert "MISSED" in _quality_table(results)
+
+
+def test_quality_bench_trains_each_ffba_placement_at_its_own_equal_budget_rank(tmp_path, capsys):
+    from rankwise.bench.latency import main
+
+    out = tmp_path / "q.json"
+    assert main(["--scale", "tiny", "--quality", "--methods", "ffba", "--activations", "identity", "--steps", "1",
+                 "--batch-size", "2", "--eval-examples", "2", "--ffba-blocks", "attn+mlp,mlp", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    both, mlp = record["ffba_ranks"]["attn+mlp"], record["ffba_ranks"]["mlp"]
+    assert abs(mlp - 2 * both) <= 1  # one sub-block per layer: twice the rank for the same budget
+    assert set(record["quality"]) == {"ffba (identity)", "ffba mlp (identity)"}
+    assert record["quality"]["ffba mlp (identity)"]["rank"] == mlp
+    assert all(r["eval_loss"] < r["eval_loss_start"] for r in record["quality"].values())

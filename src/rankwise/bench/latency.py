@@ -43,9 +43,10 @@ def ffba_params_per_rank(model, blocks: int = 2) -> int:
     return 2 * model.config.hidden_size * blocks * len(model.get_decoder().layers)
 
 
-def ffba_rank_for(model, lora_rank: int) -> int:
-    """The FFBA rank whose budget is closest to LoRA's at `lora_rank`."""
-    return max(1, round(lora_rank * lora_params_per_rank(model) / ffba_params_per_rank(model)))
+def ffba_rank_for(model, lora_rank: int, blocks: int = 2) -> int:
+    """The FFBA rank whose budget is closest to LoRA's at `lora_rank`, with adapters on `blocks` sub-blocks
+    per layer (2: attention and MLP; 1: only one of them, so twice the rank)."""
+    return max(1, round(lora_rank * lora_params_per_rank(model) / ffba_params_per_rank(model, blocks)))
 
 
 def n_trainable(model) -> int:
@@ -154,17 +155,20 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 
 
 # ---- quality at equal budget ---------------------------------------------------------------------------
-def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lrs: list[float], methods: list[str],
-            activations: list[str], workdir: Path, tiny: bool, batch_size: int, eval_examples: int,
-            precision: str) -> dict:
+def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
+            methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
+            eval_examples: int, precision: str) -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
-    every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all)."""
+    every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
+    FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank) and
+    activation."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
     runs = [(m, lora_rank, {}) for m in ("lora", "dora") if m in methods]
     if "ffba" in methods:
-        runs += [("ffba", ffba_rank, {"method_args.activation": a}) for a in activations]
+        runs += [("ffba", rank, {"method_args.activation": a, "method_args.blocks": f"[{placement.replace('+', ',')}]"})
+                 for placement, rank in ffba_ranks.items() for a in activations]
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "seed": 0, "batch_size": batch_size,
               "eval_examples": eval_examples}
@@ -176,11 +180,11 @@ def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lrs: li
         common.update({"data": str(data), "max_length": 128, "warmup_steps": 2})
     results = {}
     for method, rank, extra in runs:
-        label = method if method != "ffba" else f"ffba ({extra['method_args.activation']})"
+        label = method if method != "ffba" else ffba_label(extra)
         sweep = {}
         for lr in lrs:
             overrides = {**common, "method": method, "rank": rank, "alpha": 2 * rank, "lr": lr, **extra,
-                         "out": str(workdir / f"{label.replace(' ', '_').strip('()')}-lr{lr:g}")}
+                         "out": str(workdir / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-lr{lr:g}")}
             cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
             summary = train(cfg, say=lambda *a: None)
             sweep[f"{lr:g}"] = {"eval_loss_start": summary["eval_loss_start"], "eval_loss": summary["eval_loss"],
@@ -190,6 +194,13 @@ def quality(model_name: str, lora_rank: int, ffba_rank: int, steps: int, lrs: li
         best = min(sweep, key=lambda k: sweep[k]["eval_loss"])
         results[label] = {"rank": rank, "sweep": sweep, "best_lr": float(best), **sweep[best]}
     return results
+
+
+def ffba_label(extra: dict) -> str:
+    """'ffba (identity)' at the default placement (attention and MLP), else e.g. 'ffba mlp (silu)'."""
+    placement = extra["method_args.blocks"].strip("[]").replace(",", "+")
+    where = "" if placement == "attn+mlp" else f" {placement}"
+    return f"ffba{where} ({extra['method_args.activation']})"
 
 
 def _quality_table(results: dict) -> str:
@@ -269,6 +280,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--methods", default="lora,dora,ffba", help="which of lora, dora, ffba --quality trains")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision for --quality")
     p.add_argument("--activations", default="identity,silu", help="FFBA φ values trained by --quality")
+    p.add_argument("--ffba-blocks", default="attn+mlp", help="FFBA placements trained by --quality, comma "
+                   "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args(argv)
     if ns.repeats < 5 and not ns.quality:
@@ -282,6 +295,10 @@ def main(argv: list[str]) -> int:
     methods = [m for m in ns.methods.split(",") if m]
     if not methods or set(methods) - {"lora", "dora", "ffba"}:
         p.error(f"--methods: choose from lora, dora, ffba, got {ns.methods!r}")
+    placements = [b for b in ns.ffba_blocks.split(",") if b]
+    if not placements or any(not set(b.split("+")) <= {"attn", "mlp"} or len(set(b.split("+"))) != len(b.split("+"))
+                             for b in placements):
+        p.error(f"--ffba-blocks: each placement is attn+mlp, attn or mlp, got {ns.ffba_blocks!r}")
     if ns.threads or ns.scale == "tiny":
         torch.set_num_threads(ns.threads or 1)
     scale = SCALES[ns.scale]
@@ -307,10 +324,11 @@ def main(argv: list[str]) -> int:
             acts = [a for a in ns.activations.split(",") if a]
             print(f"quality: {steps} steps, lr {', '.join(f'{lr:g}' for lr in lrs)}, {ns.precision}, "
                   "alpha = 2·rank for every method")
-            quality_rows = quality(name, lora_rank, ffba_rank, steps, lrs, methods, acts, Path(tmp),
+            ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
+            quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
                                    ns.eval_examples or scale["eval_examples"], ns.precision)
-            record.update({"mode": "quality", "steps": steps, "lrs": lrs, "precision": ns.precision,
+            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:
