@@ -276,3 +276,15 @@ def test_bench_reuse_keeps_finished_runs_only_for_the_same_settings(tmp_path):
     assert _reusable(str(tmp_path / "absent.json"), settings) == {}
     with pytest.raises(SystemExit, match="other settings"):
         _reusable(str(out), ["model=default", "batch_size=8", "steps=60"])
+
+
+@pytest.mark.parametrize("args", [["--lr", "1e-3,fast"], ["--loft-lrs", "0"], ["--ranks", "1,two"],
+                                  ["--lora-sweep", "1e-3"], ["--lora-sweep", "1e-3:x"], ["--lr-simple", "-1"]])
+def test_bench_refuses_bad_sweeps_in_one_line_before_loading(args, capsys):
+    from rankwise.bench.loft import main
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--memory-rank", "0", *args])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {args[0]}" in err and "Traceback" not in err

@@ -209,12 +209,26 @@ def main(argv: list[str]) -> int:
     if args.reuse and not args.out:
         ap.error("--reuse needs --out: the file whose finished runs it keeps")
     scale = SCALES[args.scale]
-    ranks = [int(r) for r in (args.ranks or scale["ranks"]).split(",")]
-    sweep = [tuple(float(x) for x in item.split(":")) for item in (args.lora_sweep or scale["lora_sweep"]).split(",")]
+
+    def numbers(option: str, text, kind=float) -> list:
+        """A comma-separated option as positive numbers, or a one-line argparse error (exit 2)."""
+        try:
+            values = [kind(x) for x in str(text).split(",")]
+        except ValueError:
+            ap.error(f"{option}: expected comma-separated numbers, got {text!r}")
+        if not all(v > 0 for v in values):
+            ap.error(f"{option}: every value must be > 0, got {text!r}")
+        return values
+
+    ranks = numbers("--ranks", args.ranks or scale["ranks"], int)
+    sweep_text = args.lora_sweep or scale["lora_sweep"]
+    if not all(item.count(":") == 1 for item in sweep_text.split(",")):
+        ap.error(f"--lora-sweep: expected 'lr:alpha/r,...', got {sweep_text!r}")
+    sweep = [tuple(numbers("--lora-sweep", item.replace(":", ","))) for item in sweep_text.split(",")]
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
-    lrs = [float(x) for x in str(args.lr or scale["lr"]).split(",")]
-    loft_lrs = [float(x) for x in args.loft_lrs.split(",")] if args.loft_lrs else lrs
-    simple_lrs = [float(x) for x in str(args.lr_simple or scale["lr_simple"]).split(",")]
+    lrs = numbers("--lr", args.lr or scale["lr"])
+    loft_lrs = numbers("--loft-lrs", args.loft_lrs) if args.loft_lrs else lrs
+    simple_lrs = numbers("--lr-simple", args.lr_simple or scale["lr_simple"])
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
     import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
     started = time.time()
