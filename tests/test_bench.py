@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from rankwise.bench import proc_kib, reset_peak_rss, write_json
+from rankwise.bench import positive_numbers, proc_kib, reset_peak_rss, write_json
 
 linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status (Linux)")
 
@@ -31,3 +31,12 @@ def test_write_json_replaces_whole_files_and_creates_folders(tmp_path):
     write_json(path, {"x": [2, 3]})
     assert json.loads(path.read_text()) == {"x": [2, 3]}
     assert [p.name for p in path.parent.iterdir()] == ["b.json"]  # no temporary file left behind
+
+
+def test_positive_numbers_parses_option_lists_or_names_the_option():
+    assert positive_numbers("--lr", "1e-3, 2e-3,") == [1e-3, 2e-3]
+    assert positive_numbers("--ranks", 4, int) == [4]
+    for text, message in (("1e-3,fast", "--lr: expected comma-separated numbers"), ("1e-3,0", "--lr: every value"),
+                          ("", "--lr: every value")):
+        with pytest.raises(ValueError, match=message):
+            positive_numbers("--lr", text)

@@ -30,6 +30,17 @@ def write_json(path, payload, indent: int = 2, default=None) -> None:
     atomic_write_text(Path(path), json.dumps(payload, indent=indent, default=default) + "\n")
 
 
+def positive_numbers(option: str, text, kind=float) -> list:
+    """A comma-separated option's values, all > 0; ValueError with a one-line message naming the option."""
+    try:
+        values = [kind(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{option}: expected comma-separated numbers, got {text!r}") from None
+    if not values or not all(v > 0 for v in values):
+        raise ValueError(f"{option}: every value must be > 0, got {text!r}")
+    return values
+
+
 def proc_kib(field: str) -> int:
     """A field of /proc/self/status in KiB (VmRSS: resident now, VmHWM: its peak since the last reset)."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register, write_json
+from rankwise.bench import positive_numbers, register, write_json
 
 SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples
     "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16},
@@ -287,10 +287,10 @@ def main(argv: list[str]) -> int:
     if ns.repeats < 5 and not ns.quality:
         p.error("--repeats must be at least 5 (medians of fewer runs are too noisy to report)")
     try:
-        lrs = [float(x) for x in ns.lr.split(",") if x.strip()]
-    except ValueError:
-        p.error(f"--lr: expected comma-separated numbers, got {ns.lr!r}")
-    if not lrs or not all(0 < lr < 1 for lr in lrs):
+        lrs = positive_numbers("--lr", ns.lr)
+    except ValueError as e:
+        p.error(str(e))
+    if not all(lr < 1 for lr in lrs):
         p.error(f"--lr: every learning rate must be in (0, 1), got {ns.lr!r}")
     methods = [m for m in ns.methods.split(",") if m]
     if not methods or set(methods) - {"lora", "dora", "ffba"}:

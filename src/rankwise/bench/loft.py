@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from rankwise.bench import proc_kib, register, reset_peak_rss, write_json
+from rankwise.bench import positive_numbers, proc_kib, register, reset_peak_rss, write_json
 
 SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
     "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
@@ -209,26 +209,18 @@ def main(argv: list[str]) -> int:
     if args.reuse and not args.out:
         ap.error("--reuse needs --out: the file whose finished runs it keeps")
     scale = SCALES[args.scale]
-
-    def numbers(option: str, text, kind=float) -> list:
-        """A comma-separated option as positive numbers, or a one-line argparse error (exit 2)."""
-        try:
-            values = [kind(x) for x in str(text).split(",")]
-        except ValueError:
-            ap.error(f"{option}: expected comma-separated numbers, got {text!r}")
-        if not all(v > 0 for v in values):
-            ap.error(f"{option}: every value must be > 0, got {text!r}")
-        return values
-
-    ranks = numbers("--ranks", args.ranks or scale["ranks"], int)
-    sweep_text = args.lora_sweep or scale["lora_sweep"]
-    if not all(item.count(":") == 1 for item in sweep_text.split(",")):
-        ap.error(f"--lora-sweep: expected 'lr:alpha/r,...', got {sweep_text!r}")
-    sweep = [tuple(numbers("--lora-sweep", item.replace(":", ","))) for item in sweep_text.split(",")]
+    try:
+        ranks = positive_numbers("--ranks", args.ranks or scale["ranks"], int)
+        sweep_text = args.lora_sweep or scale["lora_sweep"]
+        if not all(item.count(":") == 1 for item in sweep_text.split(",")):
+            raise ValueError(f"--lora-sweep: expected 'lr:alpha/r,...', got {sweep_text!r}")
+        sweep = [tuple(positive_numbers("--lora-sweep", item.replace(":", ","))) for item in sweep_text.split(",")]
+        lrs = positive_numbers("--lr", args.lr or scale["lr"])
+        loft_lrs = positive_numbers("--loft-lrs", args.loft_lrs) if args.loft_lrs else lrs
+        simple_lrs = positive_numbers("--lr-simple", args.lr_simple or scale["lr_simple"])
+    except ValueError as e:
+        ap.error(str(e))
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
-    lrs = numbers("--lr", args.lr or scale["lr"])
-    loft_lrs = numbers("--loft-lrs", args.loft_lrs) if args.loft_lrs else lrs
-    simple_lrs = numbers("--lr-simple", args.lr_simple or scale["lr_simple"])
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
     import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
     started = time.time()
