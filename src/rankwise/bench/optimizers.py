@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register, write_json
+from rankwise.bench import positive_numbers, register, write_json
 from rankwise.optim import optimizer_state_bytes
 from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
@@ -70,9 +70,9 @@ def parse_grid(text: str, what: str) -> dict[str, list[float]]:
     for item in filter(None, text.split(";")):
         name, _, values = item.partition("=")
         try:
-            grid[name.strip()] = [float(v) for v in values.split(",")]
-        except ValueError:
-            raise SystemExit(f"{what}: '{item}' is not optimizer=number,number,...") from None
+            grid[name.strip()] = positive_numbers(f"{what} {name.strip()}", values)
+        except ValueError as e:
+            raise SystemExit(f"{what}: '{item}' is not optimizer=number,number,... ({e})") from None
         if name.strip() not in OPTIMIZERS:
             raise SystemExit(f"{what}: unknown optimizer '{name.strip()}' (known: {', '.join(OPTIMIZERS)})")
     return grid
