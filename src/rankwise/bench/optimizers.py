@@ -28,17 +28,18 @@ from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides
 
 OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
 LOW_RANK = ("galore", "lorapre", "lorapre-muon")  # the optimizers with an update scale on their matrices
+PARITY_SCALES = dict.fromkeys(LOW_RANK, [0.25])  # GaLore's published scale, the LoRA-Pre paper's parity setup
 SCALES = {
     # tiny: < 2 minutes on a shared 2-core CPU; GaLore r=16 vs LoRA-Pre r=2 on 64-wide matrices
     "tiny": dict(model="hidden=64 layers=2 heads=4 kv_heads=2 intermediate=172 vocab=1024 corpus_mb=3 seq_len=128 "
                        "batch_size=8 steps=60 warmup_steps=6", rank=16, gap=20,
                  lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                      "lorapre-muon": [1e-2, 3e-2]}, update_scales=dict.fromkeys(LOW_RANK, [0.25])),
+                      "lorapre-muon": [1e-2, 3e-2]}, update_scales=PARITY_SCALES),
     # default: a 2.2M-parameter Llama (192 wide, 4 blocks), GaLore r=48 vs LoRA-Pre r=6
     "default": dict(model="hidden=192 layers=4 heads=4 kv_heads=4 intermediate=512 vocab=2048 corpus_mb=12 "
                           "seq_len=128 batch_size=16 steps=150 warmup_steps=15", rank=48, gap=50,
                     lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                         "lorapre-muon": [3e-2]}, update_scales=dict.fromkeys(LOW_RANK, [0.25])),
+                         "lorapre-muon": [3e-2]}, update_scales=PARITY_SCALES),
 }
 
 
