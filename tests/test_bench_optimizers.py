@@ -48,3 +48,33 @@ def test_verdict_uses_each_optimizers_best_run():
     assert not v["lorapre"]["all_at_most_one_sixth"]
     assert not v["lorapre-muon"]["loss_within_1pct"]
     assert verdict(best_per_optimizer(rows[2:])) == {}  # no GaLore run: nothing to compare with
+
+
+def test_finetune_compares_methods_at_equal_state_bytes(tmp_path, capsys):
+    from rankwise.bench import optimizers_finetune as finetune
+    import json
+
+    out = tmp_path / "ft.json"
+    argv = ["--finetune", "--scale", "tiny", "--steps", "2", "--workdir", str(tmp_path / "w"), "--out", str(out),
+            "--lrs", "lora=3e-3;lorapre=1e-3;lorapre-muon=1e-3"]
+    assert main(argv) == 0
+    result = json.loads(out.read_text())
+    by = {r["label"]: r for r in result["runs"]}
+    assert set(by) == {"lora", "lorapre", "lorapre-muon"} and set(result["best"]) == set(by)
+    lora_state = by["lora"]["optimizer_state_bytes"]
+    for name in ("lorapre", "lorapre-muon"):  # same floats as LoRA's AdamW moments, up to per-tensor counters
+        assert abs(by[name]["optimizer_state_bytes"] - lora_state) < 0.01 * lora_state
+    assert by["lorapre-muon"]["rank"] == 2 * by["lorapre"]["rank"]
+    assert by["lora"]["trainable_params"] < by["lorapre"]["trainable_params"]  # LoRA-Pre steps the full weights
+    assert all(r["eval_loss"] < r["eval_loss_start"] for r in by.values())
+    assert "lorapre vs LoRA" in capsys.readouterr().out
+    assert finetune.method_overrides("lorapre", 8)[-2] == "optimizer_args.rest=frozen"
+
+
+def test_finetune_refuses_pretraining_options(tmp_path):
+    work = tmp_path / "w"
+    for argv, message in ((["--lrs", "adamw=1e-3"], r"unknown optimizer 'adamw' \(known: lora, lorapre"),
+                          (["--optimizers", "galore"], "--optimizers and --update-scales are for pre-training")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--finetune", "--scale", "tiny", "--workdir", str(work)] + argv)
+    assert not work.exists()

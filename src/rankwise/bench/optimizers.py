@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from rankwise.bench import optimizers_finetune as finetune
 from rankwise.bench import positive_numbers, register, write_json
-from rankwise.optim import optimizer_state_bytes
 from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
 OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
@@ -65,7 +65,7 @@ def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int,
     return out_cfgs
 
 
-def parse_grid(text: str, what: str) -> dict[str, list[float]]:
+def parse_grid(text: str, what: str, known: tuple[str, ...] = OPTIMIZERS) -> dict[str, list[float]]:
     """'adamw=1e-3,3e-3;lorapre=3e-3' -> {'adamw': [0.001, 0.003], 'lorapre': [0.003]}; a clear error otherwise."""
     grid = {}
     for item in filter(None, text.split(";")):
@@ -74,8 +74,8 @@ def parse_grid(text: str, what: str) -> dict[str, list[float]]:
             grid[name.strip()] = positive_numbers(f"{what} {name.strip()}", values)
         except ValueError as e:
             raise SystemExit(f"{what}: '{item}' is not optimizer=number,number,... ({e})") from None
-        if name.strip() not in OPTIMIZERS:
-            raise SystemExit(f"{what}: unknown optimizer '{name.strip()}' (known: {', '.join(OPTIMIZERS)})")
+        if name.strip() not in known:
+            raise SystemExit(f"{what}: unknown optimizer '{name.strip()}' (known: {', '.join(known)})")
     return grid
 
 
@@ -115,58 +115,6 @@ def isolated(fn, *args) -> dict:
 def _pretrain(cfg: PretrainConfig) -> dict:
     torch.set_num_threads(cfg.threads or torch.get_num_threads())
     return run(cfg, say=lambda *_: None)
-
-
-# ---- fine-tuning at equal optimizer-state memory: LoRA (AdamW on A, B) vs LoRA-Pre (full weights) ----
-# Both at rank R store 2 R (p + q) floats per adapted matrix; LoRA-Pre freezes everything else
-# (optimizer_args.rest=frozen) so neither keeps full-size state.
-FINETUNE = {
-    "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, lrs={"lora": [1e-3, 3e-3],
-                                                                                       "lorapre": [3e-4, 1e-3]}),
-    "default": dict(rank=8, steps=20, batch_size=4, max_length=192, eval_examples=32, lrs={"lora": [1e-3],
-                                                                                          "lorapre": [1e-4]}),
-}
-
-
-def _finetune(overrides: list[str], threads: int) -> dict:
-    from rankwise.config import load_config
-    from rankwise.train.recipe import build_run, train_step
-
-    cfg = load_config(None, overrides)
-    run_ = build_run(cfg, say=lambda *_: None)
-    torch.set_num_threads(threads)
-    start = run_.test_loss()
-    for _ in range(cfg.steps):
-        record = train_step(run_)
-    end = run_.test_loss()
-    run_.log_file.close()
-    return {"method": cfg.method, "optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
-            "eval_loss_start": start, "eval_loss": end, "train_loss_last": record["loss"],
-            "optimizer_state_bytes": optimizer_state_bytes(run_.optimizer),
-            "trainable_params": sum(p.numel() for p in run_.trainable()), "train_seconds": run_.cum_seconds}
-
-
-def finetune_rows(scale_name: str, workdir: Path, threads: int, steps: int | None = None) -> list[dict]:
-    spec = FINETUNE[scale_name] | ({"steps": steps} if steps else {})
-    if scale_name == "tiny":
-        from rankwise.tiny import make_tiny_model_dir
-        model = str(make_tiny_model_dir(workdir / "tiny-model"))
-    else:
-        model = "default"
-    common = [f"model={model}", f"rank={spec['rank']}", f"alpha={2 * spec['rank']}", f"steps={spec['steps']}",
-              f"batch_size={spec['batch_size']}", f"max_length={spec['max_length']}",
-              f"eval_examples={spec['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
-              "precision=fp32", "overwrite=true", "warmup_steps=2"]
-    rows = []
-    for name, lrs in spec["lrs"].items():
-        for lr in lrs:
-            how = (["method=lora", "optimizer=adamw"] if name == "lora" else
-                   ["method=full", "optimizer=lorapre", "optimizer_args.rest=frozen", "betas=[0.9,0.95]"])
-            row = isolated(_finetune, common + how + [f"lr={lr}", f"out={workdir / f'ft-{name}-lr{lr:g}'}"], threads)
-            print(f"finetune {name:<8} rank {spec['rank']} lr {lr:<7g} eval loss {row['eval_loss_start']:.4f} -> "
-                  f"{row['eval_loss']:.4f}, optimizer state {row['optimizer_state_bytes'] / 2**20:.2f} MiB", flush=True)
-            rows.append(row)
-    return rows
 
 
 def best_per_optimizer(rows: list[dict]) -> dict[str, dict]:
@@ -211,20 +159,26 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rankwise bench optimizers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
-    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--optimizers", help=f"comma-separated, default all: {','.join(OPTIMIZERS)}")
     parser.add_argument("--steps", type=int, help="override the scale's step count")
     parser.add_argument("--lrs", help="replace the scale's lr grid, e.g. 'adamw=1e-3,3e-3;lorapre=3e-3'")
     parser.add_argument("--update-scales", help="sweep the matrix-update scale too (default 0.25 for galore and "
                         "both lorapre), e.g. 'lorapre=0.0625,0.25;galore=0.125,0.25'")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads per run (1 is fastest on a busy box)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads per run (default 1 for pre-training, the "
+                        "fastest on a busy box for these small models; all cores for --finetune)")
     parser.add_argument("--workdir", default="runs/bench-optimizers")
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--finetune", action="store_true",
                         help="instead: fine-tune (tiny model, or the embedded default) with LoRA vs LoRA-Pre "
-                             "at the same rank, i.e. the same optimizer-state bytes")
+                             "at the same optimizer-state bytes, each lr-swept (--lrs 'lora=...;lorapre=...')")
     args = parser.parse_args(argv)
     if args.finetune:
-        return finetune_main(args)
+        if args.update_scales or args.optimizers:
+            raise SystemExit("--finetune takes its methods from --lrs (lora, lorapre, lorapre-muon); "
+                             "--optimizers and --update-scales are for pre-training")
+        lrs = parse_grid(args.lrs, "--lrs", finetune.METHODS) if args.lrs else {}
+        return finetune.main(args.scale, lrs, args.steps, args.threads or 0, args.workdir, args.out, isolated)
+    args.threads = args.threads or 1
     scale = SCALES[args.scale]
     if args.lrs:
         scale = scale | {"lrs": scale["lrs"] | parse_grid(args.lrs, "--lrs")}
@@ -233,7 +187,7 @@ def main(argv: list[str]) -> int:
         if "adamw" in grid:
             raise SystemExit("--update-scales: adamw has no update scale (it is the full-state baseline)")
         scale = scale | {"update_scales": scale["update_scales"] | grid}
-    names = [n for n in args.optimizers.split(",") if n]
+    names = [n for n in (args.optimizers or ",".join(OPTIMIZERS)).split(",") if n]
     if unknown := [n for n in names if n not in OPTIMIZERS]:
         raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(OPTIMIZERS)})")
     cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale)
@@ -263,22 +217,6 @@ def main(argv: list[str]) -> int:
     print(f"wall time {result['wall_seconds']:.0f} s")
     if args.out:
         write_json(args.out, result, default=str)
-    return 0
-
-
-def finetune_main(args) -> int:
-    started = time.perf_counter()
-    rows = finetune_rows(args.scale, Path(args.workdir) / f"finetune-{args.scale}", args.threads, args.steps)
-    print(f"\n{'method':<6} {'optimizer':<9} {'rank':>4} {'lr':>7} {'eval start':>10} {'eval end':>9} "
-          f"{'state MiB':>9} {'trainable':>11} {'peak MiB':>9}")
-    for r in rows:
-        print(f"{r['method']:<6} {r['optimizer']:<9} {r['rank']:>4} {r['lr']:>7.0e} {r['eval_loss_start']:>10.4f} "
-              f"{r['eval_loss']:>9.4f} {r['optimizer_state_bytes'] / 2**20:>9.2f} {r['trainable_params']:>11,} "
-              f"{r.get('peak_rss_growth_bytes', 0) / 2**20:>9.1f}")
-    if args.out:
-        write_json(args.out, {"bench": "optimizers --finetune", "scale": args.scale, "runs": rows,
-                              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                              "wall_seconds": time.perf_counter() - started})
     return 0
 
 

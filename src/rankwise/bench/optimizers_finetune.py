@@ -1,0 +1,114 @@
+"""`rankwise bench optimizers --finetune`: fine-tuning at equal optimizer-state memory.
+
+LoRA at rank R keeps AdamW's two moments for A (R x q) and B (p x R): 2 R (p + q) floats per adapted
+matrix. LoRA-Pre Adam at the same rank R trains the full p x q matrix with its two moments held in rank-R
+factors: the same 2 R (p + q) floats. LoRA-Pre Muon keeps one momentum, R' (p + q) floats, so it gets
+rank 2 R. LoRA-Pre freezes everything else (optimizer_args.rest=frozen) so no method keeps full-size
+state. Every method gets its own lr sweep; the best of each is compared on the same held-out set.
+"""
+from __future__ import annotations
+
+import datetime
+import time
+from pathlib import Path
+
+from rankwise.bench import write_json
+from rankwise.optim import optimizer_state_bytes
+
+METHODS = ("lora", "lorapre", "lorapre-muon")
+SCALES = {
+    "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, precision="fp32",
+                 lrs={"lora": [1e-3, 3e-3], "lorapre": [3e-4, 1e-3]}),
+    # LoRA's grid brackets the best lrs of the LoFT bench at r = 4 and 16 (4e-3, 2e-3); LoRA-Pre's
+    # brackets full fine-tuning's best AdamW lr there (1e-4): LoRA-Pre steps the full weights
+    "default": dict(rank=8, steps=30, batch_size=8, max_length=256, eval_examples=64, precision="bf16",
+                    lrs={"lora": [2e-3, 4e-3, 8e-3], "lorapre": [3e-5, 1e-4, 3e-4]}),
+}
+
+
+def method_overrides(method: str, rank: int) -> list[str]:
+    """The recipe overrides of one method at the shared state budget of rank-`rank` LoRA."""
+    if method == "lora":
+        return ["method=lora", "optimizer=adamw", f"rank={rank}", f"alpha={2 * rank}"]
+    low_rank = rank if method == "lorapre" else 2 * rank  # Muon keeps one moment: twice the rank, same floats
+    return ["method=full", f"optimizer={method}", f"rank={low_rank}", "optimizer_args.rest=frozen",
+            "betas=[0.9,0.95]"]
+
+
+def _finetune(overrides: list[str]) -> dict:
+    from rankwise.config import load_config
+    from rankwise.train.recipe import build_run, train_step
+
+    cfg = load_config(None, overrides)
+    run_ = build_run(cfg, say=lambda *_: None)
+    start = run_.test_loss()
+    for _ in range(cfg.steps):
+        record = train_step(run_)
+    end = run_.test_loss()
+    run_.log_file.close()
+    return {"method": cfg.method, "optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
+            "eval_loss_start": start, "eval_loss": end, "train_loss_last": record["loss"],
+            "optimizer_state_bytes": optimizer_state_bytes(run_.optimizer),
+            "trainable_params": sum(p.numel() for p in run_.trainable()), "train_seconds": run_.cum_seconds,
+            "steps": cfg.steps}
+
+
+def best_per_method(rows: list[dict]) -> dict[str, dict]:
+    best = {}
+    for row in rows:
+        if row["label"] not in best or row["eval_loss"] < best[row["label"]]["eval_loss"]:
+            best[row["label"]] = row
+    return best
+
+
+def run_all(scale: dict, workdir: Path, threads: int, model: str, out: str | None, isolated) -> list[dict]:
+    common = [f"model={model}", f"steps={scale['steps']}", f"batch_size={scale['batch_size']}",
+              f"max_length={scale['max_length']}", f"eval_examples={scale['eval_examples']}", "eval_every=0",
+              "sample=false", "count_flops=false", f"precision={scale['precision']}", f"threads={threads}",
+              "overwrite=true", "warmup_steps=2", "seed=0"]
+    rows = []
+    for method, lrs in scale["lrs"].items():
+        for lr in lrs:
+            over = common + method_overrides(method, scale["rank"]) + [f"lr={lr}", f"out={workdir / f'{method}-lr{lr:g}'}"]
+            row = {"label": method, **isolated(_finetune, over)}
+            rows.append(row)
+            print(f"finetune {method:<12} rank {row['rank']:>3} lr {lr:<7g} eval loss {row['eval_loss_start']:.4f} -> "
+                  f"{row['eval_loss']:.4f}, optimizer state {row['optimizer_state_bytes'] / 2**20:.2f} MiB", flush=True)
+            if out:  # a stopped sweep keeps its finished runs
+                write_json(out, {"bench": "optimizers --finetune", "partial": True, "settings": scale, "runs": rows})
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = [f"{'method':<13} {'optimizer':<13} {'rank':>4} {'lr':>7} {'eval start':>10} {'eval end':>9} "
+             f"{'state MiB':>9} {'trainable':>11} {'peak MiB':>9} {'s/step':>7}"]
+    for r in rows:
+        lines.append(f"{r['method']:<13} {r['optimizer']:<13} {r['rank']:>4} {r['lr']:>7.0e} {r['eval_loss_start']:>10.4f} "
+                     f"{r['eval_loss']:>9.4f} {r['optimizer_state_bytes'] / 2**20:>9.2f} {r['trainable_params']:>11,} "
+                     f"{r.get('peak_rss_growth_bytes', 0) / 2**20:>9.1f} {r['train_seconds'] / max(1, r['steps']):>7.2f}")
+    return "\n".join(lines)
+
+
+def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, threads: int, workdir: str,
+         out: str | None, isolated) -> int:
+    scale = SCALES[scale_name] | {"lrs": SCALES[scale_name]["lrs"] | lrs} | ({"steps": steps} if steps else {})
+    started = time.perf_counter()
+    work = Path(workdir) / f"finetune-{scale_name}"
+    if scale_name == "tiny":
+        from rankwise.tiny import make_tiny_model_dir
+        model = str(make_tiny_model_dir(work / "tiny-model"))
+    else:
+        model = "default"
+    rows = run_all(scale, work, threads, model, out, isolated)
+    best = best_per_method(rows)
+    print("\nall runs:\n" + table(rows) + "\n\nbest lr per method (same held-out set):\n" + table(list(best.values())))
+    if "lora" in best:
+        for name in ("lorapre", "lorapre-muon"):
+            if name in best:
+                print(f"{name} vs LoRA: eval loss {best[name]['eval_loss'] - best['lora']['eval_loss']:+.4f}, "
+                      f"state {best[name]['optimizer_state_bytes'] / best['lora']['optimizer_state_bytes']:.3f}x")
+    if out:
+        write_json(out, {"bench": "optimizers --finetune", "scale": scale_name, "settings": scale, "runs": rows,
+                         "best": best, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                         "wall_seconds": time.perf_counter() - started})
+    return 0
