@@ -213,7 +213,8 @@ def test_fused_follows_the_configured_attention_function():
 
 
 @pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""],
-                                  ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","]])
+                                  ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","],
+                                  ["--ffba-scales", "0"], ["--ffba-scales", "big"]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 
@@ -239,10 +240,12 @@ def test_quality_bench_trains_each_ffba_placement_at_its_own_equal_budget_rank(t
 
     out = tmp_path / "q.json"
     assert main(["--scale", "tiny", "--quality", "--methods", "ffba", "--activations", "identity", "--steps", "1",
-                 "--batch-size", "2", "--eval-examples", "2", "--ffba-blocks", "attn+mlp,mlp", "--out", str(out)]) == 0
+                 "--batch-size", "2", "--eval-examples", "2", "--ffba-blocks", "attn+mlp,mlp", "--ffba-scales", "1,2", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     both, mlp = record["ffba_ranks"]["attn+mlp"], record["ffba_ranks"]["mlp"]
     assert abs(mlp - 2 * both) <= 1  # one sub-block per layer: twice the rank for the same budget
-    assert set(record["quality"]) == {"ffba (identity)", "ffba mlp (identity)"}
-    assert record["quality"]["ffba mlp (identity)"]["rank"] == mlp
+    runs = record["quality"]
+    assert set(runs) == {"ffba (identity)", "ffba s=1 (identity)", "ffba mlp (identity)", "ffba mlp s=1 (identity)"}
+    assert runs["ffba mlp (identity)"]["rank"] == runs["ffba mlp s=1 (identity)"]["rank"] == mlp
+    assert runs["ffba s=1 (identity)"]["alpha"] == both and runs["ffba (identity)"]["alpha"] == 2 * both
     assert all(r["eval_loss"] < r["eval_loss_start"] for r in record["quality"].values())

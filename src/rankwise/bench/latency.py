@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import positive_numbers, register, write_json
+from rankwise.ffba.settings import BLOCKS
 
 SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples
     "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16},
@@ -157,18 +158,19 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 # ---- quality at equal budget ---------------------------------------------------------------------------
 def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
             methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
-            eval_examples: int, precision: str) -> dict:
+            eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,)) -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
     every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
-    FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank) and
-    activation."""
+    FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank),
+    activation and scale s = alpha / rank of `ffba_scales` (LoRA and DoRA keep s = 2)."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
     runs = [(m, lora_rank, {}) for m in ("lora", "dora") if m in methods]
     if "ffba" in methods:
-        runs += [("ffba", rank, {"method_args.activation": a, "method_args.blocks": f"[{placement.replace('+', ',')}]"})
-                 for placement, rank in ffba_ranks.items() for a in activations]
+        runs += [("ffba", rank, {"method_args.activation": a, "method_args.blocks": f"[{placement.replace('+', ',')}]",
+                                 "scale": scale})
+                 for placement, rank in ffba_ranks.items() for a in activations for scale in ffba_scales]
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "seed": 0, "batch_size": batch_size,
               "eval_examples": eval_examples}
@@ -183,7 +185,8 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
         label = method if method != "ffba" else ffba_label(extra)
         sweep = {}
         for lr in lrs:
-            overrides = {**common, "method": method, "rank": rank, "alpha": 2 * rank, "lr": lr, **extra,
+            knobs = {k: v for k, v in extra.items() if k != "scale"}
+            overrides = {**common, "method": method, "rank": rank, "alpha": extra.get("scale", 2) * rank, "lr": lr, **knobs,
                          "out": str(workdir / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-lr{lr:g}")}
             cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
             summary = train(cfg, say=lambda *a: None)
@@ -192,15 +195,17 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
             print(f"  {label:<18} rank {rank:>3} lr {lr:<7g}: held-out loss {summary['eval_loss_start']:.4f} -> "
                   f"{summary['eval_loss']:.4f} ({summary['cum_seconds']:.0f} s)", flush=True)
         best = min(sweep, key=lambda k: sweep[k]["eval_loss"])
-        results[label] = {"rank": rank, "sweep": sweep, "best_lr": float(best), **sweep[best]}
+        results[label] = {"rank": rank, "alpha": overrides["alpha"], "sweep": sweep, "best_lr": float(best), **sweep[best]}
     return results
 
 
 def ffba_label(extra: dict) -> str:
-    """'ffba (identity)' at the default placement (attention and MLP), else e.g. 'ffba mlp (silu)'."""
+    """'ffba (identity)' at the default placement (attention and MLP) and scale s = alpha / rank = 2,
+    else e.g. 'ffba mlp (silu)', 'ffba s=8 (identity)'."""
     placement = extra["method_args.blocks"].strip("[]").replace(",", "+")
     where = "" if placement == "attn+mlp" else f" {placement}"
-    return f"ffba{where} ({extra['method_args.activation']})"
+    scale = "" if extra["scale"] == 2 else f" s={extra['scale']:g}"
+    return f"ffba{where}{scale} ({extra['method_args.activation']})"
 
 
 def _quality_table(results: dict) -> str:
@@ -280,6 +285,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--methods", default="lora,dora,ffba", help="which of lora, dora, ffba --quality trains")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision for --quality")
     p.add_argument("--activations", default="identity,silu", help="FFBA φ values trained by --quality")
+    p.add_argument("--ffba-scales", default="2", help="FFBA scales s = alpha / rank trained by --quality, comma "
+                   "separated (LoRA and DoRA keep s = 2)")
     p.add_argument("--ffba-blocks", default="attn+mlp", help="FFBA placements trained by --quality, comma "
                    "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
     p.add_argument("--out", help="write the results as JSON here")
@@ -288,6 +295,7 @@ def main(argv: list[str]) -> int:
         p.error("--repeats must be at least 5 (medians of fewer runs are too noisy to report)")
     try:
         lrs = positive_numbers("--lr", ns.lr)
+        ffba_scales = positive_numbers("--ffba-scales", ns.ffba_scales)
     except ValueError as e:
         p.error(str(e))
     if not all(lr < 1 for lr in lrs):
@@ -296,9 +304,9 @@ def main(argv: list[str]) -> int:
     if not methods or set(methods) - {"lora", "dora", "ffba"}:
         p.error(f"--methods: choose from lora, dora, ffba, got {ns.methods!r}")
     placements = [b for b in ns.ffba_blocks.split(",") if b]
-    if not placements or any(not set(b.split("+")) <= {"attn", "mlp"} or len(set(b.split("+"))) != len(b.split("+"))
+    if not placements or any(not set(b.split("+")) <= set(BLOCKS) or len(set(b.split("+"))) != len(b.split("+"))
                              for b in placements):
-        p.error(f"--ffba-blocks: each placement is attn+mlp, attn or mlp, got {ns.ffba_blocks!r}")
+        p.error(f"--ffba-blocks: each placement is a '+'-joined subset of {', '.join(BLOCKS)}, got {ns.ffba_blocks!r}")
     if ns.threads or ns.scale == "tiny":
         torch.set_num_threads(ns.threads or 1)
     scale = SCALES[ns.scale]
@@ -323,12 +331,12 @@ def main(argv: list[str]) -> int:
             steps = ns.steps or scale["steps"]
             acts = [a for a in ns.activations.split(",") if a]
             print(f"quality: {steps} steps, lr {', '.join(f'{lr:g}' for lr in lrs)}, {ns.precision}, "
-                  "alpha = 2·rank for every method")
+                  f"alpha = 2·rank for LoRA and DoRA, {', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
             ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
             quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
-                                   ns.eval_examples or scale["eval_examples"], ns.precision)
-            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "steps": steps, "lrs": lrs, "precision": ns.precision,
+                                   ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales))
+            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:
