@@ -1,6 +1,7 @@
 """LoFT: full-rank equality with AdamW, the projection identities, alpha invariance, exact resume."""
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -288,3 +289,16 @@ def test_bench_refuses_bad_sweeps_in_one_line_before_loading(args, capsys):
     assert stop.value.code == 2
     err = capsys.readouterr().err
     assert f"error: {args[0]}" in err and "Traceback" not in err
+
+
+def test_bench_plot_draws_each_ranks_sweeps_from_a_result_file(tmp_path):
+    from rankwise.bench.loft_plot import plot_sweeps, sweeps
+
+    rows = json.loads((Path(__file__).parents[1] / "docs/results/loft-default.json").read_text())["rows"]
+    at_one = sweeps(rows, 1)
+    assert set(at_one) == {"loft", "loft-simple", "lora a=2r", "dora"}
+    assert [lr for lr, _ in at_one["loft"]] == sorted(lr for lr, _ in at_one["loft"])  # a line, left to right
+    assert len(sweeps(rows, None)["full"]) == 3
+    png = tmp_path / "plots" / "loft.png"
+    assert plot_sweeps(rows, png) == [1, 2, 4, 16]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob("*.tmp.png"))

@@ -205,6 +205,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--out", help="write all results as JSON here (after every run, so a stopped bench keeps them)")
     ap.add_argument("--reuse", action="store_true", help="keep the finished runs already in --out (same settings)")
+    ap.add_argument("--plot", help="draw held-out loss against lr, a panel per rank, into this PNG")
     args = ap.parse_args(argv)
     if args.reuse and not args.out:
         ap.error("--reuse needs --out: the file whose finished runs it keeps")
@@ -265,6 +266,11 @@ def main(argv: list[str]) -> int:
             print(f"{s['rank']:>4}{fmt(s['full'])}{fmt(s['lora'])}{fmt(s['dora'])}{fmt(s['loft'])}"
                   f"{fmt(s['loft-simple'])}{gap}")
         print("* = best of its lr sweep on the same held-out set (LoRA: lr and alpha)")
+        if args.plot:
+            from rankwise.bench.loft_plot import plot_sweeps
+
+            plot_sweeps(rows, Path(args.plot), f"LoFT bench, {args.scale}: {steps} steps x {batch}, {args.precision}")
+            print(f"plot: {args.plot}")
     else:
         summary = []
     if memory:
