@@ -71,6 +71,13 @@ def test_finetune_compares_methods_at_equal_state_bytes(tmp_path, capsys):
     assert finetune.method_overrides("lorapre", 8)[-2] == "optimizer_args.rest=frozen"
 
 
+def test_finetune_default_grids_sweep_every_method():
+    from rankwise.bench.optimizers_finetune import METHODS, SCALES
+
+    for scale in SCALES.values():  # a method missing here would silently drop out of the comparison
+        assert set(scale["lrs"]) == set(METHODS) and all(len(v) >= 2 for v in scale["lrs"].values())
+
+
 def test_finetune_refuses_pretraining_options(tmp_path):
     work = tmp_path / "w"
     for argv, message in ((["--lrs", "adamw=1e-3"], r"unknown optimizer 'adamw' \(known: lora, lorapre"),
