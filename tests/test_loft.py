@@ -302,3 +302,19 @@ def test_bench_plot_draws_each_ranks_sweeps_from_a_result_file(tmp_path):
     png = tmp_path / "plots" / "loft.png"
     assert plot_sweeps(rows, png) == [1, 2, 4, 16]
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and not list(png.parent.glob("*.tmp.png"))
+
+
+def test_bench_replot_draws_a_saved_file_without_training(tmp_path, capsys):
+    from rankwise.bench.loft import main as bench_loft
+    from rankwise.bench.loft_plot import sweeps
+
+    source = Path(__file__).parents[1] / "docs/results/loft-default-alpha.json"
+    rows = json.loads(source.read_text())["rows"]
+    assert {"lora a=1r", "lora a=2r", "lora a=4r"} <= set(sweeps(rows, 2))  # one line per alpha
+    png = tmp_path / "replot.png"
+    assert bench_loft(["--replot", str(source), "--plot", str(png)]) == 0
+    assert png.read_bytes()[:4] == b"\x89PNG" and "ranks 1, 2, 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):  # nothing to draw into
+        bench_loft(["--replot", str(source)])
+    with pytest.raises(SystemExit):
+        bench_loft(["--replot", str(tmp_path / "missing.json"), "--plot", str(png)])

@@ -183,6 +183,23 @@ def _print_rows(rows: list[dict]) -> None:
               f"{r['peak_mb']:>9.0f}{r['optimizer_state_mb']:>10.1f}")
 
 
+def replot(ap: argparse.ArgumentParser, source: str, png: str | None) -> int:
+    """--replot: the picture of a finished (or stopped) bench's file, without running anything."""
+    if not png:
+        ap.error("--replot needs --plot: the PNG to draw")
+    try:
+        result = json.loads(Path(source).read_text())
+        rows = result["rows"]
+    except (OSError, ValueError, KeyError) as e:
+        ap.error(f"--replot: {source} is not a readable `rankwise bench loft` result ({e})")
+    from rankwise.bench.loft_plot import plot_sweeps
+
+    shape = f"{result.get('steps', '?')} steps x {result.get('batch_size', '?')}, {result.get('precision', '?')}"
+    ranks = plot_sweeps(rows, Path(png), f"LoFT bench, {result.get('scale', '?')}: {shape}")
+    print(f"plot: {png} (ranks {', '.join(map(str, ranks))}, {len(rows)} runs from {source})")
+    return 0
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="rankwise bench loft", description=__doc__.splitlines()[0])
     ap.add_argument("--scale", choices=sorted(SCALES), default="default")
@@ -206,7 +223,11 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--out", help="write all results as JSON here (after every run, so a stopped bench keeps them)")
     ap.add_argument("--reuse", action="store_true", help="keep the finished runs already in --out (same settings)")
     ap.add_argument("--plot", help="draw held-out loss against lr, a panel per rank, into this PNG")
+    ap.add_argument("--replot", metavar="JSON", help="only draw --plot from the runs in this earlier --out file "
+                    "(trains nothing)")
     args = ap.parse_args(argv)
+    if args.replot:
+        return replot(ap, args.replot, args.plot)
     if args.reuse and not args.out:
         ap.error("--reuse needs --out: the file whose finished runs it keeps")
     scale = SCALES[args.scale]

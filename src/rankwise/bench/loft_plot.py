@@ -11,6 +11,7 @@ from pathlib import Path
 
 STYLE = {"loft": ("LoFT", "C3"), "loft-simple": ("LoFT simple", "C1"), "lora": ("LoRA+AdamW", "C0"),
          "dora": ("DoRA", "C2")}
+LINES = ("o-", "^--", "v:", "s-.")  # LoRA's alphas, one line style each, in ascending alpha/r order
 
 
 def _setting(label: str, key: str) -> float | None:
@@ -43,6 +44,8 @@ def plot_sweeps(rows: list[dict], path: Path, title: str = "") -> list[int]:
     best_full = min((loss for _, loss in full), default=None)
     fig, axes = plt.subplots(1, len(ranks), figsize=(4.2 * len(ranks), 4.0), sharex=True,
                              sharey=True, squeeze=False)
+    alphas = sorted({n.partition(" ")[2] for rank in ranks for n in sweeps(rows, rank) if " " in n},
+                    key=lambda a: float(a.removeprefix("a=").removesuffix("r") or 0))
     for ax, rank in zip(axes[0], ranks):
         if full:
             ax.plot(*zip(*full), "s-", color="0.6", ms=4, label="full FT")
@@ -50,7 +53,8 @@ def plot_sweeps(rows: list[dict], path: Path, title: str = "") -> list[int]:
         for name, points in sweeps(rows, rank).items():
             kind, _, alpha = name.partition(" ")
             label, color = STYLE[kind]
-            ax.plot(*zip(*points), "o-" if len(points) > 1 else "D", color=color, ms=4,
+            line = LINES[alphas.index(alpha) % len(LINES)] if alpha else "o-"
+            ax.plot(*zip(*points), line if len(points) > 1 else "D", color=color, ms=4,
                     label=label + (f" ({alpha})" if alpha else ""))
         ax.set_xscale("log")
         ax.set_title(f"rank {rank}")
