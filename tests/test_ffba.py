@@ -214,7 +214,7 @@ def test_fused_follows_the_configured_attention_function():
 
 @pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""],
                                   ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","],
-                                  ["--ffba-scales", "0"], ["--ffba-scales", "big"]])
+                                  ["--ffba-scales", "0"], ["--ffba-scales", "big"], ["--lora-scales", "-1"]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 
@@ -230,22 +230,28 @@ def test_quality_table_compares_each_best_with_loras_best():
     results = {"lora": {"rank": 12, "sweep": sweep(2.60, 2.58), "best_lr": 2e-3, "eval_loss": 2.58},
                "ffba (identity)": {"rank": 53, "sweep": sweep(2.57, 2.61), "best_lr": 1e-3, "eval_loss": 2.57}}
     table = _quality_table(results)
-    assert "ffba (identity): -0.0100 vs LoRA's best (no worse than LoRA: met)" in table
+    assert "ffba (identity): -0.0100 vs LoRA's best, every scale (no worse than LoRA: met)" in table
     results["ffba (identity)"]["eval_loss"] = 2.59
     assert "MISSED" in _quality_table(results)
+    results["ffba (identity)"]["eval_loss"] = 2.57  # beats LoRA at s = 2, not LoRA at its better scale
+    results["lora s=8"] = {"rank": 12, "sweep": sweep(2.56, 2.59), "best_lr": 1e-3, "eval_loss": 2.56}
+    assert "ffba (identity): +0.0100 vs LoRA's best, every scale (worse than LoRA: MISSED)" in _quality_table(results)
 
 
 def test_quality_bench_trains_each_ffba_placement_at_its_own_equal_budget_rank(tmp_path, capsys):
     from rankwise.bench.latency import main
 
     out = tmp_path / "q.json"
-    assert main(["--scale", "tiny", "--quality", "--methods", "ffba", "--activations", "identity", "--steps", "1",
-                 "--batch-size", "2", "--eval-examples", "2", "--ffba-blocks", "attn+mlp,mlp", "--ffba-scales", "1,2", "--out", str(out)]) == 0
+    assert main(["--scale", "tiny", "--quality", "--methods", "ffba,lora", "--activations", "identity", "--steps", "1",
+                 "--batch-size", "2", "--eval-examples", "2", "--ffba-blocks", "attn+mlp,mlp", "--ffba-scales", "1,2",
+                 "--lora-scales", "2,8", "--out", str(out)]) == 0
     record = json.loads(out.read_text())
     both, mlp = record["ffba_ranks"]["attn+mlp"], record["ffba_ranks"]["mlp"]
     assert abs(mlp - 2 * both) <= 1  # one sub-block per layer: twice the rank for the same budget
     runs = record["quality"]
-    assert set(runs) == {"ffba (identity)", "ffba s=1 (identity)", "ffba mlp (identity)", "ffba mlp s=1 (identity)"}
+    assert set(runs) == {"ffba (identity)", "ffba s=1 (identity)", "ffba mlp (identity)", "ffba mlp s=1 (identity)",
+                         "lora", "lora s=8"}
+    assert runs["lora s=8"]["alpha"] == 4 * runs["lora"]["alpha"] == 8 * record["lora_rank"]
     assert runs["ffba mlp (identity)"]["rank"] == runs["ffba mlp s=1 (identity)"]["rank"] == mlp
     assert runs["ffba s=1 (identity)"]["alpha"] == both and runs["ffba (identity)"]["alpha"] == 2 * both
     assert all(r["eval_loss"] < r["eval_loss_start"] for r in record["quality"].values())

@@ -158,15 +158,16 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 # ---- quality at equal budget ---------------------------------------------------------------------------
 def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
             methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
-            eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,)) -> dict:
+            eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,),
+            lora_scales: tuple[float, ...] = (2.0,)) -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
     every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
     FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank),
-    activation and scale s = alpha / rank of `ffba_scales` (LoRA and DoRA keep s = 2)."""
+    activation and scale s = alpha / rank of `ffba_scales`; LoRA and DoRA once per scale of `lora_scales`."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
-    runs = [(m, lora_rank, {}) for m in ("lora", "dora") if m in methods]
+    runs = [(m, lora_rank, {"scale": scale}) for m in ("lora", "dora") if m in methods for scale in lora_scales]
     if "ffba" in methods:
         runs += [("ffba", rank, {"method_args.activation": a, "method_args.blocks": f"[{placement.replace('+', ',')}]",
                                  "scale": scale})
@@ -182,7 +183,7 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
         common.update({"data": str(data), "max_length": 128, "warmup_steps": 2})
     results = {}
     for method, rank, extra in runs:
-        label = method if method != "ffba" else ffba_label(extra)
+        label = ffba_label(extra) if method == "ffba" else method + _scale_tag(extra["scale"])
         sweep = {}
         for lr in lrs:
             knobs = {k: v for k, v in extra.items() if k != "scale"}
@@ -204,8 +205,11 @@ def ffba_label(extra: dict) -> str:
     else e.g. 'ffba mlp (silu)', 'ffba s=8 (identity)'."""
     placement = extra["method_args.blocks"].strip("[]").replace(",", "+")
     where = "" if placement == "attn+mlp" else f" {placement}"
-    scale = "" if extra["scale"] == 2 else f" s={extra['scale']:g}"
-    return f"ffba{where}{scale} ({extra['method_args.activation']})"
+    return f"ffba{where}{_scale_tag(extra['scale'])} ({extra['method_args.activation']})"
+
+
+def _scale_tag(scale: float) -> str:
+    return "" if scale == 2 else f" s={scale:g}"
 
 
 def _quality_table(results: dict) -> str:
@@ -213,11 +217,11 @@ def _quality_table(results: dict) -> str:
     for label, r in results.items():
         every = ", ".join(f"{lr}: {v['eval_loss']:.4f}" for lr, v in r["sweep"].items())
         lines.append(f"{label:<18}{r['rank']:>5}{r['best_lr']:>9g}{r['eval_loss']:>10.4f}  ({every})")
-    lora = results.get("lora", {}).get("eval_loss")
+    lora = min((r["eval_loss"] for label, r in results.items() if label.split(" ")[0] == "lora"), default=None)
     for label, r in results.items():
         if label.startswith("ffba") and lora is not None:
             verdict = "no worse than LoRA: met" if r["eval_loss"] <= lora else "worse than LoRA: MISSED"
-            lines.append(f"{label}: {r['eval_loss'] - lora:+.4f} vs LoRA's best ({verdict})")
+            lines.append(f"{label}: {r['eval_loss'] - lora:+.4f} vs LoRA's best, every scale ({verdict})")
     return "\n".join(lines)
 
 
@@ -286,7 +290,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16"), help="training precision for --quality")
     p.add_argument("--activations", default="identity,silu", help="FFBA φ values trained by --quality")
     p.add_argument("--ffba-scales", default="2", help="FFBA scales s = alpha / rank trained by --quality, comma "
-                   "separated (LoRA and DoRA keep s = 2)")
+                   "separated")
+    p.add_argument("--lora-scales", default="2", help="LoRA and DoRA scales s = alpha / rank trained by --quality, "
+                   "comma separated (sweep them whenever FFBA's are swept: the same favour for both)")
     p.add_argument("--ffba-blocks", default="attn+mlp", help="FFBA placements trained by --quality, comma "
                    "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
     p.add_argument("--out", help="write the results as JSON here")
@@ -296,6 +302,7 @@ def main(argv: list[str]) -> int:
     try:
         lrs = positive_numbers("--lr", ns.lr)
         ffba_scales = positive_numbers("--ffba-scales", ns.ffba_scales)
+        lora_scales = positive_numbers("--lora-scales", ns.lora_scales)
     except ValueError as e:
         p.error(str(e))
     if not all(lr < 1 for lr in lrs):
@@ -331,12 +338,14 @@ def main(argv: list[str]) -> int:
             steps = ns.steps or scale["steps"]
             acts = [a for a in ns.activations.split(",") if a]
             print(f"quality: {steps} steps, lr {', '.join(f'{lr:g}' for lr in lrs)}, {ns.precision}, "
-                  f"alpha = 2·rank for LoRA and DoRA, {', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
+                  f"alpha = {', '.join(f'{x:g}' for x in lora_scales)}·rank for LoRA and DoRA, "
+                  f"{', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
             ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
             quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
-                                   ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales))
-            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
+                                   ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales),
+                                   tuple(lora_scales))
+            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:
