@@ -71,6 +71,17 @@ def test_finetune_compares_methods_at_equal_state_bytes(tmp_path, capsys):
     assert finetune.method_overrides("lorapre", 8)[-2] == "optimizer_args.rest=frozen"
 
 
+def test_finetune_optimizers_picks_the_methods_that_run(tmp_path):
+    import json
+
+    out = tmp_path / "ft.json"
+    assert main(["--finetune", "--scale", "tiny", "--steps", "1", "--optimizers", "lorapre-muon", "--workdir",
+                 str(tmp_path / "w"), "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["runs"]] == ["lorapre-muon"] * 2  # its default grid, nothing else
+    assert set(result["settings"]["lrs"]) == {"lorapre-muon"}
+
+
 def test_finetune_default_grids_sweep_every_method():
     from rankwise.bench.optimizers_finetune import METHODS, SCALES
 
@@ -81,7 +92,8 @@ def test_finetune_default_grids_sweep_every_method():
 def test_finetune_refuses_pretraining_options(tmp_path):
     work = tmp_path / "w"
     for argv, message in ((["--lrs", "adamw=1e-3"], r"unknown optimizer 'adamw' \(known: lora, lorapre"),
-                          (["--optimizers", "galore"], "--optimizers and --update-scales are for pre-training")):
+                          (["--optimizers", "galore"], r"--optimizers: unknown galore with --finetune"),
+                          (["--update-scales", "lorapre=0.25"], "--update-scales is for pre-training")):
         with pytest.raises(SystemExit, match=message):
             main(["--finetune", "--scale", "tiny", "--workdir", str(work)] + argv)
     assert not work.exists()

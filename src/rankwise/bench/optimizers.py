@@ -159,7 +159,8 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rankwise bench optimizers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
-    parser.add_argument("--optimizers", help=f"comma-separated, default all: {','.join(OPTIMIZERS)}")
+    parser.add_argument("--optimizers", help=f"comma-separated, default all: {','.join(OPTIMIZERS)} "
+                        f"(with --finetune: {','.join(finetune.METHODS)})")
     parser.add_argument("--steps", type=int, help="override the scale's step count")
     parser.add_argument("--lrs", help="replace the scale's lr grid, e.g. 'adamw=1e-3,3e-3;lorapre=3e-3'")
     parser.add_argument("--update-scales", help="sweep the matrix-update scale too (default 0.25 for galore and "
@@ -173,11 +174,15 @@ def main(argv: list[str]) -> int:
                              "at the same optimizer-state bytes, each lr-swept (--lrs 'lora=...;lorapre=...')")
     args = parser.parse_args(argv)
     if args.finetune:
-        if args.update_scales or args.optimizers:
-            raise SystemExit("--finetune takes its methods from --lrs (lora, lorapre, lorapre-muon); "
-                             "--optimizers and --update-scales are for pre-training")
+        if args.update_scales:
+            raise SystemExit("--update-scales is for pre-training; --finetune sweeps lr only")
+        methods = [n for n in (args.optimizers or ",".join(finetune.METHODS)).split(",") if n]
+        if unknown := [n for n in methods if n not in finetune.METHODS]:
+            raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} with --finetune "
+                             f"(known: {', '.join(finetune.METHODS)})")
         lrs = parse_grid(args.lrs, "--lrs", finetune.METHODS) if args.lrs else {}
-        return finetune.main(args.scale, lrs, args.steps, args.threads or 0, args.workdir, args.out, isolated)
+        return finetune.main(args.scale, lrs, args.steps, args.threads or 0, args.workdir, args.out, isolated,
+                             methods)
     args.threads = args.threads or 1
     scale = SCALES[args.scale]
     if args.lrs:

@@ -92,8 +92,9 @@ def table(rows: list[dict]) -> str:
 
 
 def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, threads: int, workdir: str,
-         out: str | None, isolated) -> int:
-    scale = SCALES[scale_name] | {"lrs": SCALES[scale_name]["lrs"] | lrs} | ({"steps": steps} if steps else {})
+         out: str | None, isolated, methods=METHODS) -> int:
+    grid = SCALES[scale_name]["lrs"] | lrs
+    scale = SCALES[scale_name] | {"lrs": {m: grid[m] for m in methods}} | ({"steps": steps} if steps else {})
     started = time.perf_counter()
     work = Path(workdir) / f"finetune-{scale_name}"
     if scale_name == "tiny":
