@@ -20,11 +20,12 @@ SCALES = {
     "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, precision="fp32",
                  lrs={"lora": [1e-3, 3e-3], "lorapre": [3e-4, 1e-3], "lorapre-muon": [3e-4, 1e-3]}),
     # LoRA's grid brackets the best lrs of the LoFT bench at r = 4 and 16 (4e-3, 2e-3); LoRA-Pre's
-    # brackets full fine-tuning's best AdamW lr there (1e-4): LoRA-Pre steps the full weights; the Muon
-    # variant's update is RMS-matched to AdamW's (0.2 sqrt(max(p, q))), so it gets the same grid
+    # brackets full fine-tuning's best AdamW lr there (1e-4): LoRA-Pre steps the full weights. The Muon
+    # variant's step is RMS-matched (0.2) where Adam's first steps are sign-like (RMS ~1), so it wants
+    # ~10x the lr: its grid brackets the best measured there (1e-3; 3e-5 and 1e-4 were far behind)
     "default": dict(rank=8, steps=30, batch_size=8, max_length=256, eval_examples=64, precision="bf16",
                     lrs={"lora": [2e-3, 4e-3, 8e-3], "lorapre": [3e-5, 1e-4, 3e-4],
-                         "lorapre-muon": [3e-5, 1e-4, 3e-4]}),
+                         "lorapre-muon": [3e-4, 1e-3, 3e-3]}),
 }
 
 
