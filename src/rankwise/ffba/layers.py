@@ -102,8 +102,11 @@ class FusedAttention(nn.Module):
         self.qkvz = _stack_rows([attn.q_proj, attn.k_proj, attn.v_proj], adapter.A.detach())
         self.o_proj = _stack_columns(attn.o_proj, adapter.scale * adapter.B.detach())
 
-    def forward(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
+                **kwargs):
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        cache = cache if cache is not None else past_key_values  # transformers renamed the argument to `cache`
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
@@ -113,8 +116,8 @@ class FusedAttention(nn.Module):
         v = v.view(hidden_shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = self.rotary(q, k, cos, sin)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx)
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.eager)
         if self.sliding_window is not None:
             kwargs["sliding_window"] = self.sliding_window
