@@ -318,3 +318,20 @@ def test_bench_replot_draws_a_saved_file_without_training(tmp_path, capsys):
         bench_loft(["--replot", str(source)])
     with pytest.raises(SystemExit):
         bench_loft(["--replot", str(tmp_path / "missing.json"), "--plot", str(png)])
+
+
+def test_bench_tiny_trains_each_run_in_its_own_process_and_keeps_the_results(tmp_path, capfd):
+    from rankwise.bench.loft import main as bench_loft
+
+    out = tmp_path / "tiny.json"
+    assert bench_loft(["--scale", "tiny", "--ranks", "1", "--steps", "2", "--methods", "loft,lora",
+                       "--loft-lrs", "1e-3", "--lora-sweep", "4e-3:2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert not result.get("partial")
+    rows = {r["label"].split(" ")[0]: r for r in result["rows"]}
+    assert set(rows) == {"loft", "lora"}
+    for row in rows.values():
+        assert "error" not in row, row
+        assert row["steps"] == 2 and row["optimizer_state_mb"] > 0 and row["peak_mb"] > row["rss_before_mb"] * 0.5
+        assert row["eval_loss"] < rows["loft"]["eval_loss_start"] + 0.5  # trained, not diverged
+    assert "[2/2] lora" in capfd.readouterr().err  # each run's progress bar names it

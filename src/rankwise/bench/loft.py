@@ -27,9 +27,10 @@ SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA swe
 }
 
 
-def _one(overrides: list[str], want_start: bool, conn) -> None:
-    """Child process: build the run, train, measure; send a dict back."""
+def _one(overrides: list[str], want_start: bool, desc: str, conn) -> None:
+    """Child process: build the run, train (a progress bar named `desc`), measure; send a dict back."""
     import torch
+    from tqdm.auto import tqdm
 
     from rankwise.config import load_config
     from rankwise.train.recipe import build_run, train_step
@@ -44,7 +45,7 @@ def _one(overrides: list[str], want_start: bool, conn) -> None:
         reset_peak_rss()
         rss_before = proc_kib("VmRSS") / 1024
         seconds = []
-        for _ in range(cfg.steps):
+        for _ in tqdm(range(cfg.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
             seconds.append(train_step(run)["seconds"])
         peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else proc_kib("VmHWM") / 1024
         state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
@@ -165,7 +166,7 @@ def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in runs.items():
             over = common + extra + [f"steps={steps}", f"out={tmp}/mem-{label}", "eval_examples=8"]
-            rows.append({"label": label, "rank": rank, **_in_child(_one, over, False)})
+            rows.append({"label": label, "rank": rank, **_in_child(_one, over, False, f"memory {label} r={rank}")})
     base = rows[0].get("peak_mb")
     for row in rows:
         if base and "peak_mb" in row:
@@ -266,7 +267,7 @@ def main(argv: list[str]) -> int:
                 result = done.get(json.dumps(extra))
                 if result is None:
                     over = common + extra + [f"steps={steps}", f"out={tmp}/run-{i}"]
-                    result = _in_child(_one, over, i == 0)
+                    result = _in_child(_one, over, i == 0, f"[{i + 1}/{len(runs)}] {label} r={rank}")
                 rows.append({**result, "label": label, "rank": rank, "overrides": extra})
                 print(f"[{time.time() - started:6.0f}s] {label} r={rank}: "
                       + (result.get("error") or f"held-out {result['eval_loss']:.4f}"), flush=True)
