@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import statistics
 import tempfile
@@ -93,23 +94,29 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _cache_argument(model) -> str:
+    """The KV cache's keyword: transformers renamed `past_key_values` to `cache` (5.2x)."""
+    hf = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
 @torch.inference_mode()
 def time_generation(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, float, list]:
     """(prefill seconds, decode seconds per token, generated ids) for one greedy run with a KV cache."""
     from transformers import DynamicCache
 
     device = ids.device
-    cache = DynamicCache(config=model.config)
+    cache = {_cache_argument(model): DynamicCache(config=model.config)}
     _sync(device)
     start = time.perf_counter()
-    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, use_cache=True, **cache)
     token = out.logits[:, -1].argmax(-1, keepdim=True)
     _sync(device)
     prefill = time.perf_counter() - start
     generated = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, use_cache=True, **cache)
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         generated.append(token)
     _sync(device)
