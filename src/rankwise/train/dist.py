@@ -152,8 +152,13 @@ def broadcast_object(world: World, obj):
     return box[0]
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, finished: bool = True) -> None:
+    """Leave the process group. After a finished run every rank first waits for the others, so no rank
+    closes its connections while a peer still uses them (a gloo peer torn down early can abort the other
+    at exit). After an error there is no wait: the peers may be stuck in a collective that never ends."""
     if world.size > 1 and dist.is_initialized():
+        if finished:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -324,12 +324,15 @@ class _StopOnSignal:
 def train(cfg: Config, say=print) -> dict:
     """Run the recipe; returns a summary (final held-out loss, steps, costs, output paths)."""
     run = build_run(cfg, say)
+    finished = False
     try:
-        return _loop(run, say if run.world.main else _silent)
+        summary = _loop(run, say if run.world.main else _silent)
+        finished = True
+        return summary
     finally:
         if run.log_file is not None:
             run.log_file.close()
-        dist.shutdown(run.world)
+        dist.shutdown(run.world, finished)
 
 
 def _sample(run: Run, label: str, say) -> str:
