@@ -1,5 +1,6 @@
 """Fast Forward: the line searches, the stage's guarantees, back-off, exact state, the recipe hook,
 the Trainer callback and the 2-process decision under torch.distributed."""
+import gc
 import math
 import os
 import socket
@@ -289,6 +290,8 @@ def _dist_worker(rank: int, world: int, port: int, out: str):
         stage = ff.after_step()
         accepted += stage["accepted"] if stage else 0.0
     torch.save({"A": A.detach(), "B": B.detach(), "local": local, "accepted": accepted}, f"{out}/rank{rank}.pt")
+    del model, ff  # a DDP wrapper alive at exit, after the group is gone, can abort the process
+    gc.collect()
     dist.destroy_process_group()
 
 

@@ -44,7 +44,9 @@ def main(argv: list[str]) -> None:
                f"{cfg.out}/rank{run.world.rank}.pt")
     if run.log_file is not None:
         run.log_file.close()
-    dist.shutdown(run.world)
+    world = run.world
+    del run, tensors  # as the recipe does: nothing may hold the process group when it is destroyed
+    dist.shutdown(world)
 
 
 if __name__ == "__main__":

@@ -324,15 +324,14 @@ class _StopOnSignal:
 def train(cfg: Config, say=print) -> dict:
     """Run the recipe; returns a summary (final held-out loss, steps, costs, output paths)."""
     run = build_run(cfg, say)
-    finished = False
+    world = run.world
     try:
-        summary = _loop(run, say if run.world.main else _silent)
-        finished = True
-        return summary
+        return _loop(run, say if run.world.main else _silent)
     finally:
         if run.log_file is not None:
             run.log_file.close()
-        dist.shutdown(run.world, finished)
+        del run  # the wrapped model holds the process group: let it go before the group does
+        dist.shutdown(world)
 
 
 def _sample(run: Run, label: str, say) -> str:
