@@ -1,6 +1,5 @@
 """Fast Forward: the line searches, the stage's guarantees, back-off, exact state, the recipe hook,
 the Trainer callback and the 2-process decision under torch.distributed."""
-import gc
 import math
 import os
 import socket
@@ -250,6 +249,8 @@ def _free_port() -> int:
 def _dist_worker(rank: int, world: int, port: int, out: str):
     import torch.distributed as dist
 
+    from rankwise.train.dist import World, shutdown
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -291,8 +292,7 @@ def _dist_worker(rank: int, world: int, port: int, out: str):
         accepted += stage["accepted"] if stage else 0.0
     torch.save({"A": A.detach(), "B": B.detach(), "local": local, "accepted": accepted}, f"{out}/rank{rank}.pt")
     del model, ff  # a DDP wrapper alive at exit, after the group is gone, can abort the process
-    gc.collect()
-    dist.destroy_process_group()
+    shutdown(World(rank=rank, size=world))
 
 
 def test_distributed_ranks_take_the_same_decisions(tmp_path):

@@ -45,7 +45,7 @@ def main(argv: list[str]) -> None:
     if run.log_file is not None:
         run.log_file.close()
     world = run.world
-    del run, tensors  # as the recipe does: nothing may hold the process group when it is destroyed
+    del run  # as the recipe does: nothing may hold the process group when it is destroyed
     dist.shutdown(world)
 
 

@@ -156,7 +156,7 @@ def broadcast_object(world: World, obj):
 def shutdown(world: World) -> None:
     """Leave the process group. Drop every model, optimizer and DDP/FSDP wrapper first: whatever still holds
     the group when the interpreter exits takes gloo's threads down with it and aborts the process
-    ("terminate called without an active exception", seen in ~1 of 5 two-process runs)."""
+    ("terminate called without an active exception"; scripts/gloo_exit_abort.py reproduces it)."""
     if world.size > 1 and dist.is_initialized():
         gc.collect()  # wrappers caught in reference cycles go now, not at interpreter exit
         dist.destroy_process_group()
