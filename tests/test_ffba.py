@@ -214,7 +214,8 @@ def test_fused_follows_the_configured_attention_function():
 
 @pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""],
                                   ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","],
-                                  ["--ffba-scales", "0"], ["--ffba-scales", "big"], ["--lora-scales", "-1"]])
+                                  ["--ffba-scales", "0"], ["--ffba-scales", "big"], ["--lora-scales", "-1"],
+                                  ["--seeds", "1,1"], ["--seeds", "-1"], ["--seeds", "x"], ["--seeds", ","]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 
@@ -255,3 +256,17 @@ def test_quality_bench_trains_each_ffba_placement_at_its_own_equal_budget_rank(t
     assert runs["ffba mlp (identity)"]["rank"] == runs["ffba mlp s=1 (identity)"]["rank"] == mlp
     assert runs["ffba s=1 (identity)"]["alpha"] == both and runs["ffba (identity)"]["alpha"] == 2 * both
     assert all(r["eval_loss"] < r["eval_loss_start"] for r in record["quality"].values())
+
+
+def test_quality_bench_reports_the_mean_over_seeds_and_each_seed(tmp_path):
+    from rankwise.bench.latency import main
+
+    out = tmp_path / "q.json"
+    assert main(["--scale", "tiny", "--quality", "--methods", "lora", "--steps", "2", "--batch-size", "2",
+                 "--eval-examples", "2", "--lr", "1e-2", "--seeds", "0,3", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    point = record["quality"]["lora"]["sweep"]["0.01"]
+    assert record["seeds"] == [0, 3] and set(point["seeds"]) == {"0", "3"}
+    assert point["seeds"]["0"] != point["seeds"]["3"]  # another initialisation and data order: another loss
+    assert point["eval_loss"] == pytest.approx((point["seeds"]["0"] + point["seeds"]["3"]) / 2)
+    assert record["quality"]["lora"]["eval_loss"] == point["eval_loss"]

@@ -166,11 +166,13 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
             methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
             eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,),
-            lora_scales: tuple[float, ...] = (2.0,)) -> dict:
+            lora_scales: tuple[float, ...] = (2.0,), seeds: tuple[int, ...] = (0,)) -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
     every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
     FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank),
-    activation and scale s = alpha / rank of `ffba_scales`; LoRA and DoRA once per scale of `lora_scales`."""
+    activation and scale s = alpha / rank of `ffba_scales`; LoRA and DoRA once per scale of `lora_scales`.
+    Every setting trains once per seed of `seeds` (adapter initialisation and data order; the held-out set
+    stays the same), and its loss is the mean over them."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
@@ -180,7 +182,7 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
                                  "scale": scale})
                  for placement, rank in ffba_ranks.items() for a in activations for scale in ffba_scales]
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
-              "eval_every": 0, "count_flops": False, "seed": 0, "batch_size": batch_size,
+              "eval_every": 0, "count_flops": False, "batch_size": batch_size,
               "eval_examples": eval_examples}
     if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
         from rankwise.data.stdlib_docstrings import extract
@@ -194,17 +196,32 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
         sweep = {}
         for lr in lrs:
             knobs = {k: v for k, v in extra.items() if k != "scale"}
-            overrides = {**common, "method": method, "rank": rank, "alpha": extra.get("scale", 2) * rank, "lr": lr, **knobs,
-                         "out": str(workdir / f"{label.replace(' ', '_').replace('(', '').replace(')', '')}-lr{lr:g}")}
-            cfg = load_config(None, [f"{k}={v}" for k, v in overrides.items()])
-            summary = train(cfg, say=lambda *a: None)
-            sweep[f"{lr:g}"] = {"eval_loss_start": summary["eval_loss_start"], "eval_loss": summary["eval_loss"],
-                                "train_seconds": summary["cum_seconds"]}
-            print(f"  {label:<18} rank {rank:>3} lr {lr:<7g}: held-out loss {summary['eval_loss_start']:.4f} -> "
-                  f"{summary['eval_loss']:.4f} ({summary['cum_seconds']:.0f} s)", flush=True)
+            per_seed = {}
+            for seed in seeds:
+                overrides = {**common, "method": method, "rank": rank, "alpha": extra.get("scale", 2) * rank, "lr": lr,
+                             "seed": seed, **knobs, "out": str(workdir / f"{_slug(label)}-lr{lr:g}-seed{seed}")}
+                summary = train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), say=lambda *a: None)
+                per_seed[seed] = summary
+                print(f"  {label:<18} rank {rank:>3} lr {lr:<7g}" + (f" seed {seed}" if len(seeds) > 1 else "")
+                      + f": held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f} "
+                      f"({summary['cum_seconds']:.0f} s)", flush=True)
+            sweep[f"{lr:g}"] = _over_seeds(per_seed)
         best = min(sweep, key=lambda k: sweep[k]["eval_loss"])
         results[label] = {"rank": rank, "alpha": overrides["alpha"], "sweep": sweep, "best_lr": float(best), **sweep[best]}
     return results
+
+
+def _slug(label: str) -> str:
+    return label.replace(" ", "_").replace("(", "").replace(")", "")
+
+
+def _over_seeds(per_seed: dict[int, dict]) -> dict:
+    """One sweep point: the held-out losses' mean over seeds, and each seed's final loss."""
+    runs = list(per_seed.values())
+    return {"eval_loss_start": statistics.fmean(r["eval_loss_start"] for r in runs),
+            "eval_loss": statistics.fmean(r["eval_loss"] for r in runs),
+            "train_seconds": sum(r["cum_seconds"] for r in runs),
+            "seeds": {str(seed): r["eval_loss"] for seed, r in per_seed.items()}}
 
 
 def ffba_label(extra: dict) -> str:
@@ -302,6 +319,8 @@ def main(argv: list[str]) -> int:
                    "comma separated (sweep them whenever FFBA's are swept: the same favour for both)")
     p.add_argument("--ffba-blocks", default="attn+mlp", help="FFBA placements trained by --quality, comma "
                    "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
+    p.add_argument("--seeds", default="0", help="seeds for --quality, comma separated: every setting trains once "
+                   "per seed (adapter initialisation and data order) and reports the mean held-out loss")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args(argv)
     if ns.repeats < 5 and not ns.quality:
@@ -312,6 +331,10 @@ def main(argv: list[str]) -> int:
         lora_scales = positive_numbers("--lora-scales", ns.lora_scales)
     except ValueError as e:
         p.error(str(e))
+    seeds = [x.strip() for x in ns.seeds.split(",") if x.strip()]
+    if not seeds or not all(x.isdigit() for x in seeds) or len(set(map(int, seeds))) != len(seeds):
+        p.error(f"--seeds: distinct non-negative whole numbers, comma separated, got {ns.seeds!r}")
+    seeds = [int(x) for x in seeds]
     if not all(lr < 1 for lr in lrs):
         p.error(f"--lr: every learning rate must be in (0, 1), got {ns.lr!r}")
     methods = [m for m in ns.methods.split(",") if m]
@@ -345,14 +368,15 @@ def main(argv: list[str]) -> int:
             steps = ns.steps or scale["steps"]
             acts = [a for a in ns.activations.split(",") if a]
             print(f"quality: {steps} steps, lr {', '.join(f'{lr:g}' for lr in lrs)}, {ns.precision}, "
+                  f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (mean held-out loss), "
                   f"alpha = {', '.join(f'{x:g}' for x in lora_scales)}·rank for LoRA and DoRA, "
                   f"{', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
             ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
             quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
                                    ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales),
-                                   tuple(lora_scales))
-            record.update({"mode": "quality", "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
+                                   tuple(lora_scales), tuple(seeds))
+            record.update({"mode": "quality", "seeds": seeds, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:
