@@ -280,7 +280,8 @@ def test_bench_reuse_keeps_finished_runs_only_for_the_same_settings(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["--lr", "1e-3,fast"], ["--loft-lrs", "0"], ["--ranks", "1,two"],
-                                  ["--lora-sweep", "1e-3"], ["--lora-sweep", "1e-3:x"], ["--lr-simple", "-1"]])
+                                  ["--lora-sweep", "1e-3"], ["--lora-sweep", "1e-3:x"], ["--lr-simple", "-1"],
+                                  ["--seed", "-1"]])
 def test_bench_refuses_bad_sweeps_in_one_line_before_loading(args, capsys):
     from rankwise.bench.loft import main
 
@@ -335,3 +336,12 @@ def test_bench_tiny_trains_each_run_in_its_own_process_and_keeps_the_results(tmp
         assert row["steps"] == 2 and row["optimizer_state_mb"] > 0 and row["peak_mb"] > row["rss_before_mb"] * 0.5
         assert row["eval_loss"] < rows["loft"]["eval_loss_start"] + 0.5  # trained, not diverged
     assert "[2/2] lora" in capfd.readouterr().err  # each run's progress bar names it
+    assert "seed=0" in result["common"]
+    again = tmp_path / "seed3.json"
+    assert bench_loft(["--scale", "tiny", "--ranks", "1", "--steps", "2", "--methods", "lora", "--lora-sweep", "4e-3:2",
+                       "--seed", "3", "--out", str(again)]) == 0
+    other = json.loads(again.read_text())
+    assert "seed=3" in other["common"] and other["rows"][0]["eval_loss"] != rows["lora"]["eval_loss"]
+    with pytest.raises(SystemExit, match="other settings"):  # a seed-0 file is not reused for seed 3
+        bench_loft(["--scale", "tiny", "--ranks", "1", "--steps", "2", "--methods", "lora", "--lora-sweep", "4e-3:2",
+                    "--seed", "3", "--out", str(out), "--reuse"])

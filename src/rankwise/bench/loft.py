@@ -221,6 +221,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-quality", action="store_true", help="only the memory check")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order of every run "
+                    "(the held-out set stays the same); rerun with another seed to see the spread")
     ap.add_argument("--out", help="write all results as JSON here (after every run, so a stopped bench keeps them)")
     ap.add_argument("--reuse", action="store_true", help="keep the finished runs already in --out (same settings)")
     ap.add_argument("--plot", help="draw held-out loss against lr, a panel per rank, into this PNG")
@@ -231,6 +233,8 @@ def main(argv: list[str]) -> int:
         return replot(ap, args.replot, args.plot)
     if args.reuse and not args.out:
         ap.error("--reuse needs --out: the file whose finished runs it keeps")
+    if args.seed < 0:
+        ap.error(f"--seed: a non-negative whole number, got {args.seed}")
     scale = SCALES[args.scale]
     try:
         ranks = positive_numbers("--ranks", args.ranks or scale["ranks"], int)
@@ -253,7 +257,7 @@ def main(argv: list[str]) -> int:
             model = _in_child(_make_tiny, f"{tmp}/tiny-model")
         common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
                   f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
-                  f"precision={args.precision}", f"threads={args.threads}", "seed=0"]
+                  f"precision={args.precision}", f"threads={args.threads}", f"seed={args.seed}"]
         if scale["examples"]:
             common.append(f"data={_small_data(Path(tmp) / 'data.jsonl', scale['examples'])}")
         settings = [c.replace(tmp, "<tmp>") for c in common] + [f"steps={steps}"]  # what --reuse must match
