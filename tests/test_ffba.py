@@ -215,7 +215,8 @@ def test_fused_follows_the_configured_attention_function():
 @pytest.mark.parametrize("args", [["--lr", "abc"], ["--lr", "0"], ["--methods", "lora,xx"], ["--methods", ""],
                                   ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","],
                                   ["--ffba-scales", "0"], ["--ffba-scales", "big"], ["--lora-scales", "-1"],
-                                  ["--seeds", "1,1"], ["--seeds", "-1"], ["--seeds", "x"], ["--seeds", ","]])
+                                  ["--seeds", "1,1"], ["--seeds", "-1"], ["--seeds", "x"], ["--seeds", ","],
+                                  ["--task-examples", "-1"]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 
@@ -232,6 +233,10 @@ def test_quality_table_compares_each_best_with_loras_best():
                "ffba (identity)": {"rank": 53, "sweep": sweep(2.57, 2.61), "best_lr": 1e-3, "eval_loss": 2.57}}
     table = _quality_table(results)
     assert "ffba (identity): -0.0100 vs LoRA's best, every scale (no worse than LoRA: met)" in table
+    assert "ROUGE-L" not in table  # no task metric measured: no column
+    results["lora"]["rouge_l"], results["ffba (identity)"]["rouge_l"] = 0.25, 0.3125
+    table = _quality_table(results)
+    assert "ROUGE-L" in table and "2.5700   0.3125  (0.001: 2.5700" in table  # beside its held-out loss
     results["ffba (identity)"]["eval_loss"] = 2.59
     assert "MISSED" in _quality_table(results)
     results["ffba (identity)"]["eval_loss"] = 2.57  # beats LoRA at s = 2, not LoRA at its better scale
@@ -270,3 +275,6 @@ def test_quality_bench_reports_the_mean_over_seeds_and_each_seed(tmp_path):
     assert point["seeds"]["0"] != point["seeds"]["3"]  # another initialisation and data order: another loss
     assert point["eval_loss"] == pytest.approx((point["seeds"]["0"] + point["seeds"]["3"]) / 2)
     assert record["quality"]["lora"]["eval_loss"] == point["eval_loss"]
+    assert record["task_examples"] == 2 and set(point["rouge_l_seeds"]) == {"0", "3"}  # the tiny scale's default
+    assert point["rouge_l"] == pytest.approx(sum(point["rouge_l_seeds"].values()) / 2)
+    assert 0 <= point["rouge_l"] <= 1 and record["quality"]["lora"]["rouge_l"] == point["rouge_l"]

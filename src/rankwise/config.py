@@ -50,6 +50,7 @@ class Config:
     clip: float = 1.0  # max gradient norm; 0 disables clipping
     eval_every: int = 10  # optimizer steps between held-out evaluations; 0 = start and end only
     eval_examples: int = 64  # held-out test examples used for evaluation
+    eval_generate: int = 0  # held-out examples answered greedily at the end, scored by ROUGE-L F1; 0 = off
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0
     precision: str = "bf16"  # bf16 = bf16 autocast with fp32 weights and optimizer state; fp32

@@ -56,6 +56,24 @@ def generate(model, tok, messages: list[dict], max_new_tokens: int = 64, autocas
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
+@torch.no_grad()
+def generate_batch(model, tok, chats: list[list[dict]], max_new_tokens: int = 64, autocast=None) -> list[str]:
+    """Greedy continuations of several chats at once (prompts left-padded); returns each one's new text."""
+    prompts = [prompt_ids(tok, messages) for messages in chats]
+    width = max(len(p) for p in prompts)
+    device = next(model.parameters()).device
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    was_training = model.training
+    model.eval()
+    ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
+    with ctx:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=tok.pad_token_id)
+    model.train(was_training)
+    return [tok.decode(row[width:], skip_special_tokens=True).strip() for row in out]
+
+
 def merge(adapter: str, out: str, model: str | None = None) -> Path:
     """Fold the adapter into its base model and save a plain transformers model directory at `out`."""
     adapter_dir, meta = locate_artifact(adapter)

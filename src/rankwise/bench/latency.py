@@ -25,10 +25,12 @@ import torch
 from rankwise.bench import positive_numbers, register, write_json
 from rankwise.ffba.settings import BLOCKS
 
-SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples
-    "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16},
+SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples,
+    # held-out prompts answered by generation for the task metric
+    "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16,
+             "task_examples": 2},
     "default": {"prompt_tokens": 64, "new_tokens": 32, "lora_rank": 12, "steps": 40, "batch_size": 8,
-                "eval_examples": 64},
+                "eval_examples": 64, "task_examples": 32},
 }
 VARIANTS = ("base", "lora merged", "lora unmerged", "dora unmerged", "ffba unfused", "ffba fused")
 
@@ -166,13 +168,14 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
             methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
             eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,),
-            lora_scales: tuple[float, ...] = (2.0,), seeds: tuple[int, ...] = (0,)) -> dict:
+            lora_scales: tuple[float, ...] = (2.0,), seeds: tuple[int, ...] = (0,), task_examples: int = 0) -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
     every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
     FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank),
     activation and scale s = alpha / rank of `ffba_scales`; LoRA and DoRA once per scale of `lora_scales`.
     Every setting trains once per seed of `seeds` (adapter initialisation and data order; the held-out set
-    stays the same), and its loss is the mean over them."""
+    stays the same), and its loss is the mean over them. With `task_examples`, each run also answers that
+    many held-out prompts greedily and reports their mean ROUGE-L F1 against the references (the task metric)."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
@@ -183,7 +186,7 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
                  for placement, rank in ffba_ranks.items() for a in activations for scale in ffba_scales]
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "batch_size": batch_size,
-              "eval_examples": eval_examples}
+              "eval_examples": eval_examples, "eval_generate": task_examples}
     if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
         from rankwise.data.stdlib_docstrings import extract
 
@@ -203,8 +206,9 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
                 summary = train(load_config(None, [f"{k}={v}" for k, v in overrides.items()]), say=lambda *a: None)
                 per_seed[seed] = summary
                 print(f"  {label:<18} rank {rank:>3} lr {lr:<7g}" + (f" seed {seed}" if len(seeds) > 1 else "")
-                      + f": held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f} "
-                      f"({summary['cum_seconds']:.0f} s)", flush=True)
+                      + f": held-out loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f}"
+                      + (f", ROUGE-L {summary['rouge_l']:.4f}" if summary["rouge_l"] is not None else "")
+                      + f" ({summary['cum_seconds']:.0f} s)", flush=True)
             sweep[f"{lr:g}"] = _over_seeds(per_seed)
         best = min(sweep, key=lambda k: sweep[k]["eval_loss"])
         results[label] = {"rank": rank, "alpha": overrides["alpha"], "sweep": sweep, "best_lr": float(best), **sweep[best]}
@@ -218,10 +222,14 @@ def _slug(label: str) -> str:
 def _over_seeds(per_seed: dict[int, dict]) -> dict:
     """One sweep point: the held-out losses' mean over seeds, and each seed's final loss."""
     runs = list(per_seed.values())
-    return {"eval_loss_start": statistics.fmean(r["eval_loss_start"] for r in runs),
-            "eval_loss": statistics.fmean(r["eval_loss"] for r in runs),
-            "train_seconds": sum(r["cum_seconds"] for r in runs),
-            "seeds": {str(seed): r["eval_loss"] for seed, r in per_seed.items()}}
+    point = {"eval_loss_start": statistics.fmean(r["eval_loss_start"] for r in runs),
+             "eval_loss": statistics.fmean(r["eval_loss"] for r in runs),
+             "train_seconds": sum(r["cum_seconds"] for r in runs),
+             "seeds": {str(seed): r["eval_loss"] for seed, r in per_seed.items()}}
+    if all(r.get("rouge_l") is not None for r in runs):
+        point["rouge_l"] = statistics.fmean(r["rouge_l"] for r in runs)
+        point["rouge_l_seeds"] = {str(seed): r["rouge_l"] for seed, r in per_seed.items()}
+    return point
 
 
 def ffba_label(extra: dict) -> str:
@@ -237,10 +245,13 @@ def _scale_tag(scale: float) -> str:
 
 
 def _quality_table(results: dict) -> str:
-    lines = [f"{'method':<18}{'rank':>5}{'best lr':>9}{'held-out':>10}  (every lr)"]
+    rouge = all("rouge_l" in r for r in results.values())  # the task metric, at each method's best lr
+    lines = [f"{'method':<18}{'rank':>5}{'best lr':>9}{'held-out':>10}" + (f"{'ROUGE-L':>9}" if rouge else "")
+             + "  (every lr)"]
     for label, r in results.items():
         every = ", ".join(f"{lr}: {v['eval_loss']:.4f}" for lr, v in r["sweep"].items())
-        lines.append(f"{label:<18}{r['rank']:>5}{r['best_lr']:>9g}{r['eval_loss']:>10.4f}  ({every})")
+        lines.append(f"{label:<18}{r['rank']:>5}{r['best_lr']:>9g}{r['eval_loss']:>10.4f}"
+                     + (f"{r['rouge_l']:>9.4f}" if rouge else "") + f"  ({every})")
     lora = min((r["eval_loss"] for label, r in results.items() if label.split(" ")[0] == "lora"), default=None)
     for label, r in results.items():
         if label.startswith("ffba") and lora is not None:
@@ -321,6 +332,8 @@ def main(argv: list[str]) -> int:
                    "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
     p.add_argument("--seeds", default="0", help="seeds for --quality, comma separated: every setting trains once "
                    "per seed (adapter initialisation and data order) and reports the mean held-out loss")
+    p.add_argument("--task-examples", type=int, help="held-out prompts each --quality run answers greedily, scored "
+                   "by ROUGE-L F1 against the reference (the task metric; 0 = off; default by scale)")
     p.add_argument("--out", help="write the results as JSON here")
     ns = p.parse_args(argv)
     if ns.repeats < 5 and not ns.quality:
@@ -335,6 +348,8 @@ def main(argv: list[str]) -> int:
     if not seeds or not all(x.isdigit() for x in seeds) or len(set(map(int, seeds))) != len(seeds):
         p.error(f"--seeds: distinct non-negative whole numbers, comma separated, got {ns.seeds!r}")
     seeds = [int(x) for x in seeds]
+    if ns.task_examples is not None and ns.task_examples < 0:
+        p.error(f"--task-examples: a whole number >= 0, got {ns.task_examples}")
     if not all(lr < 1 for lr in lrs):
         p.error(f"--lr: every learning rate must be in (0, 1), got {ns.lr!r}")
     methods = [m for m in ns.methods.split(",") if m]
@@ -372,11 +387,12 @@ def main(argv: list[str]) -> int:
                   f"alpha = {', '.join(f'{x:g}' for x in lora_scales)}·rank for LoRA and DoRA, "
                   f"{', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
             ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
+            task_examples = scale["task_examples"] if ns.task_examples is None else ns.task_examples
             quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
                                    ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales),
-                                   tuple(lora_scales), tuple(seeds))
-            record.update({"mode": "quality", "seeds": seeds, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
+                                   tuple(lora_scales), tuple(seeds), task_examples)
+            record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:

@@ -35,6 +35,7 @@ from rankwise.train.loss import mean_loss, token_loss_sum
 from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
 from rankwise.train.schedule import build_scheduler
 from rankwise.train.stream import ExampleStream
+from rankwise.train.task_metric import mean_rouge_l
 from rankwise.validate import validate
 
 
@@ -73,6 +74,7 @@ class Run:
     tokens_seen: int = 0
     stop_reason: str | None = None
     held_out_example: dict | None = None  # one test example, for the before/after generation
+    generate_examples: list[dict] = field(default_factory=list)  # held-out prompts for the task metric
 
     # ---- what hooks may use -------------------------------------------------------------------
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -224,6 +226,7 @@ def build_run(cfg: Config, say=print) -> Run:
               if world.main else None,
               engine=engine, world=world)
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
+    run.generate_examples = splits.test[:cfg.eval_generate]
     if resume_from is not None:
         with _damaged(resume_from, ckpt.STATE):
             state = torch.load(resume_from / ckpt.STATE, weights_only=False)
@@ -389,7 +392,21 @@ def _loop(run: Run, say) -> dict:
         plot_losses(records, run.out / "loss.png", title=f"{cfg.method} on {cfg.data}")
         say(f"held-out loss: {first_loss:.4f} -> {final_loss:.4f} | {run.cum_flops / 1e12:.2f} TFLOPs, "
             f"{run.cum_seconds:.0f} s of training | adapter: {saved / ckpt.ADAPTER}")
+    rouge = _task_metric(run, say)
     if cfg.sample:
         _sample(run, "after training", say)
-    return {"step": run.step, "eval_loss_start": first_loss, "eval_loss": final_loss, "checkpoint": str(saved),
-            "cum_flops": run.cum_flops, "cum_seconds": run.cum_seconds, "tokens_seen": run.tokens_seen}
+    return {"step": run.step, "eval_loss_start": first_loss, "eval_loss": final_loss, "rouge_l": rouge,
+            "checkpoint": str(saved), "cum_flops": run.cum_flops, "cum_seconds": run.cum_seconds,
+            "tokens_seen": run.tokens_seen}
+
+
+def _task_metric(run: Run, say) -> float | None:
+    """Mean ROUGE-L F1 of greedy replies to the first `eval_generate` held-out prompts (rank 0 only)."""
+    if not run.generate_examples or not run.world.main or run.world.sharded:
+        return None
+    examples = run.generate_examples
+    with tqdm(total=len(examples), desc="generate", unit="example", leave=False) as bar:
+        rouge = mean_rouge_l(run.model, run.tokenizer, examples, run.autocast, progress=bar.update)
+    run.log({"kind": "eval", "rouge_l": rouge, "generated": len(examples)})
+    say(f"held-out ROUGE-L F1 (greedy replies to {len(examples)} prompts): {rouge:.4f}")
+    return rouge
