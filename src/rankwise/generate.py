@@ -42,18 +42,9 @@ def load_for_inference(model: str | None, adapter: str | None):
     return net, tok
 
 
-@torch.no_grad()
 def generate(model, tok, messages: list[dict], max_new_tokens: int = 64, autocast=None) -> str:
     """Greedy continuation of a chat; returns only the new text."""
-    ids = torch.tensor([prompt_ids(tok, messages)], device=next(model.parameters()).device)
-    was_training = model.training
-    model.eval()
-    ctx = autocast() if autocast else torch.autocast("cpu", enabled=False)
-    with ctx:
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, use_cache=True, pad_token_id=tok.pad_token_id)
-    model.train(was_training)
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    return generate_batch(model, tok, [messages], max_new_tokens, autocast)[0]
 
 
 @torch.no_grad()
