@@ -15,6 +15,7 @@ from rankwise.fastforward.core import FastForward, FFOptions, check_options
 from rankwise.fastforward.evaluate import tiny_loss_sum, tiny_subset
 from rankwise.hooks import StepHook, register
 from rankwise.train import dist
+from rankwise.train.flops import flop_size
 
 NAME = "fast_forward"
 
@@ -30,9 +31,10 @@ class FastForwardHook(StepHook):
 
     def on_train_start(self, run) -> None:
         batches = tiny_subset(run.tiny_batches, self.options.tiny_examples)
+        size = flop_size(batches)
 
         def tiny_loss():
-            with run.flops.measure():
+            with run.flops.measure("tiny", size):
                 value = tiny_loss_sum(run.scorer, batches, run.autocast)
             self._eval_flops += run.flops.last
             if self.options.eval_cost is None and self._step_flops > 0:  # measured: one evaluation in steps

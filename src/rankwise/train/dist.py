@@ -216,11 +216,6 @@ def grad_sync(engine: torch.nn.Module, world: World, sync: bool):
             yield
 
 
-def scalar(value) -> float:
-    """A float from a tensor that may be a DTensor (FSDP's gradient norm)."""
-    return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
-
-
 def reshard(world: World, engine: torch.nn.Module) -> None:
     """Put every FSDP group back to its sharded state on every rank (a no-grad forward leaves the root
     gathered), so that what rank 0 alone does next (saving) cannot leave the ranks in different states."""

@@ -3,6 +3,10 @@
 The LM head of a small model is a large share of its FLOPs (SmolLM2-135M: 576 x 49,152 per token);
 prompt tokens need no logits, so we run the decoder, keep the hidden states at labelled positions, and
 apply the head there. Falls back to the model's full forward where the head is not a plain Linear.
+
+`to_device` prepares a collated batch for the hot loop: the labelled positions are found on the host,
+where the labels were built, so the loss needs no boolean-mask indexing (a host-device sync) and the
+step knows its token counts without asking the device.
 """
 from __future__ import annotations
 
@@ -20,6 +24,18 @@ def _split_head(model):
     return (decoder, head) if plain and softcap is None else (None, None)
 
 
+def to_device(batch: dict[str, torch.Tensor], device) -> dict:
+    """A collated (CPU) batch on `device`, plus what the loss and the loop need without a device sync:
+    `label_index` (flat positions in (B, T) whose next token is labelled), `targets` (those tokens),
+    `n_labelled` and `n_tokens` (Python ints). Copies are asynchronous from pinned memory on CUDA."""
+    label_index, targets = _labelled(batch["labels"])
+    host = {**batch, "label_index": label_index, "targets": targets}
+    pin = torch.device(device).type == "cuda"
+    out = {k: (v.pin_memory() if pin else v).to(device, non_blocking=pin) for k, v in host.items()}
+    out["n_labelled"], out["n_tokens"] = int(label_index.numel()), int(batch["attention_mask"].sum())
+    return out
+
+
 class TokenLoss(torch.nn.Module):
     """The model with its loss as `forward`: the module DDP and FSDP wrap, so every forward (training,
     evaluation, Fast Forward's tiny set) goes through their hooks."""
@@ -28,8 +44,8 @@ class TokenLoss(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids, attention_mask, labels):
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    def forward(self, input_ids, attention_mask, labels, **prepared):
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **prepared}
         return token_loss_sum(self.model, batch)
 
 
@@ -40,19 +56,40 @@ def _wraps_token_loss(model) -> bool:
 def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
-    `model` is a causal LM or a (DDP/FSDP-wrapped) TokenLoss around one."""
+    `model` is a causal LM or a (DDP/FSDP-wrapped) TokenLoss around one. A batch from `to_device` costs no
+    host-device sync; a plain collated one finds its labelled positions with a boolean mask (one sync)."""
     if _wraps_token_loss(model):
         return model(**batch)
-    labels = batch["labels"][:, 1:]
-    keep = labels != IGNORE
+    if "label_index" in batch:
+        index, targets, count = batch["label_index"], batch["targets"], batch["n_labelled"]
+    else:
+        index, targets = _labelled(batch["labels"])
+        count = int(index.numel())
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
     decoder, head = _split_head(model)
     if decoder is not None:
-        hidden = decoder(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
+        hidden = decoder(**inputs).last_hidden_state
+        logits = head(_rows(hidden, index))
     else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1][keep]
-    loss = F.cross_entropy(logits.float(), labels[keep], reduction="sum")
-    return loss, int(keep.sum())
+        logits = _rows(model(**inputs).logits, index)
+    loss = F.cross_entropy(logits.float(), targets, reduction="sum")
+    return loss, count
+
+
+def _labelled(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat positions p of (B, T) whose next token is labelled, and those next tokens, row-major."""
+    following = torch.full_like(labels, IGNORE)
+    following[:, :-1] = labels[:, 1:]
+    following = following.reshape(-1)
+    index = (following != IGNORE).nonzero().squeeze(1)
+    return index, following[index]
+
+
+def _rows(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Rows `index` of the (B, T, H) states flattened to (B·T, H)."""
+    return states.reshape(-1, states.shape[-1]).index_select(0, index)
 
 
 @torch.no_grad()
@@ -60,14 +97,14 @@ def loss_totals(model, batches: list[dict[str, torch.Tensor]], autocast) -> tupl
     """(sum of token losses, labelled tokens) over `batches` in eval mode (the model's mode is restored)."""
     was_training = model.training
     model.eval()  # no dropout: the same weights must always give the same loss
-    total, count = 0.0, 0
+    losses, count = [], 0
     for batch in batches:
         with autocast():
             loss, n = token_loss_sum(model, batch)
-        total += float(loss)
+        losses.append(loss.double())
         count += n
     model.train(was_training)
-    return total, count
+    return float(torch.stack(losses).sum()) if losses else 0.0, count  # one sync for the whole set
 
 
 def mean_loss(model, batches: list[dict[str, torch.Tensor]], autocast) -> float:

@@ -29,9 +29,9 @@ from rankwise.models import load_model, load_tokenizer
 from rankwise.optim import get_optimizer, trainable_parameters
 from rankwise.train import checkpoint as ckpt
 from rankwise.train import dist
-from rankwise.train.flops import FlopMeter
+from rankwise.train.flops import FlopMeter, flop_size
 from rankwise.hooks import build_hooks
-from rankwise.train.loss import mean_loss, token_loss_sum
+from rankwise.train.loss import mean_loss, to_device, token_loss_sum
 from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
 from rankwise.train.schedule import build_scheduler
 from rankwise.train.stream import ExampleStream
@@ -66,6 +66,7 @@ class Run:
     log_file: MetricsLog
     engine: torch.nn.Module  # TokenLoss(model), under DDP or FSDP2 when world.size > 1
     world: dist.World = field(default_factory=dist.World)
+    params: list = field(default_factory=list)  # the trainable tensors, listed once (FSDP's, after sharding)
     hooks: list = field(default_factory=list)
     flops: FlopMeter = field(default_factory=FlopMeter)
     step: int = 0
@@ -78,12 +79,12 @@ class Run:
 
     # ---- what hooks may use -------------------------------------------------------------------
     def trainable(self) -> list[torch.nn.Parameter]:
-        return trainable_parameters(self.model)
+        return self.params
 
     def tiny_loss(self) -> float:
         """Mean loss on the tiny held-out set; its FLOPs and seconds are charged to the run."""
         start = time.perf_counter()
-        with self.flops.measure():
+        with self.flops.measure("tiny", flop_size(self.tiny_batches)):
             value = mean_loss(self.scorer, self.tiny_batches, self.autocast)
         self.add_cost(self.flops.last, time.perf_counter() - start)
         return value
@@ -110,14 +111,15 @@ class Run:
         size, world = self.cfg.batch_size, self.world
         indices = self.stream.take(size * world.size)[world.rank * size:(world.rank + 1) * size]
         items = [self.train_items[i] for i in indices]
-        return {k: v.to(self.device) for k, v in collate(items, self.tokenizer.pad_token_id).items()}
+        return to_device(collate(items, self.tokenizer.pad_token_id), self.device)
 
     def test_loss(self) -> float:
         return mean_loss(self.scorer, self.test_batches, self.autocast)
 
     def state_dict(self) -> dict:
         """Every rank calls this (FSDP gathers); per-rank parts (RNG, hook state) are kept per rank."""
-        per_rank = {"rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks}}
+        per_rank = {"rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks},
+                    "flops": self.flops.state_dict()}
         return {"step": self.step, "world_size": self.world.size,
                 "optimizer": dist.optimizer_state(self.world, self.engine, self.optimizer),
                 "scheduler": self.scheduler.state_dict(), "stream": self.stream.state_dict(),
@@ -136,6 +138,7 @@ class Run:
         self.cum_flops, self.cum_seconds = state["cum_flops"], state["cum_seconds"]
         self.tokens_seen = state["tokens_seen"]
         runtime.set_rng_state(mine["rng"])
+        self.flops.load_state_dict(mine.get("flops", {}))  # older checkpoints: count afresh
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0) that every rank helped gather; a failed write stops all ranks."""
@@ -160,8 +163,7 @@ class Run:
 def _batches(tok, examples: list[dict], cfg: Config, device) -> list[dict]:
     items = encode_all(tok, examples, cfg.max_length)
     size = cfg.batch_size
-    return [{k: v.to(device) for k, v in collate(items[i:i + size], tok.pad_token_id).items()}
-            for i in range(0, len(items), size)]
+    return [to_device(collate(items[i:i + size], tok.pad_token_id), device) for i in range(0, len(items), size)]
 
 
 def build_run(cfg: Config, say=print) -> Run:
@@ -224,7 +226,7 @@ def build_run(cfg: Config, say=print) -> Run:
               log_file=MetricsLog(out / "metrics.jsonl",
                                   truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"])
               if world.main else None,
-              engine=engine, world=world)
+              engine=engine, world=world, params=trainable_parameters(model))
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     run.generate_examples = splits.test[:cfg.eval_generate]
     if resume_from is not None:
@@ -261,20 +263,31 @@ def _prepare_out(cfg: Config, out: Path) -> None:
 
 def train_step(run: Run) -> dict:
     """One optimizer step over grad_accum micro-batches; loss is the token-weighted mean over the global
-    batch (all ranks): counts are summed first, and DDP/FSDP average gradients, hence the x world."""
+    batch (all ranks): counts are summed first, and DDP/FSDP average gradients, hence the x world.
+    The device is asked for one thing per step (the loss and gradient norm, together), after the
+    backward passes are queued: nothing else waits on it."""
     cfg, world = run.cfg, run.world
     batches = [run.micro_batch() for _ in range(cfg.grad_accum)]
-    n_labelled, n_tokens = dist.sum_all(world, sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches),
-                                        sum(int(b["attention_mask"].sum()) for b in batches))
+    n_labelled, n_tokens = dist.sum_all(world, sum(b["n_labelled"] for b in batches),
+                                        sum(b["n_tokens"] for b in batches))
     start = time.perf_counter()
-    total = 0.0
-    with run.flops.measure():
-        for i, b in enumerate(batches):
+    flops = 0
+    losses = []
+    for i, b in enumerate(batches):
+        with run.flops.measure("train", flop_size([b])):
             with dist.grad_sync(run.engine, world, sync=i == len(batches) - 1):
                 with run.autocast():
                     loss_sum, _ = token_loss_sum(run.engine, b)
                 (loss_sum * world.size / n_labelled).backward()
-            total += loss_sum.item()
+        flops += run.flops.last
+        losses.append(loss_sum.detach().double())
+    with run.flops.measure("update"):
+        # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
+        own_clip = getattr(run.optimizer, "clips_gradients", False)
+        max_norm = cfg.clip if cfg.clip > 0 and not own_clip else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's is a DTensor
+        total, grad_norm = torch.stack([sum(losses), norm.double().to(losses[0].device)]).tolist()
         (total,) = dist.sum_all(world, total)
         loss = total / n_labelled
         if not math.isfinite(loss):
@@ -282,21 +295,18 @@ def train_step(run: Run) -> dict:
                 "no checkpoint was saved yet"
             raise TrainingDiverged(f"loss became {loss} at step {run.step + 1}; stopping ({kept}); "
                                    f"try a lower lr or precision=fp32")
-        params = run.trainable()
-        # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
-        own_clip = getattr(run.optimizer, "clips_gradients", False)
-        max_norm = cfg.clip if cfg.clip > 0 and not own_clip else float("inf")
-        grad_norm = dist.scalar(torch.nn.utils.clip_grad_norm_(params, max_norm))
         run.optimizer.step()
+    flops += run.flops.last
+    run.flops.last = flops  # the whole step, as Fast Forward's cost model reads it
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     seconds = time.perf_counter() - start
     run.step += 1
     run.tokens_seen += int(n_tokens)
-    run.add_cost(run.flops.last, seconds)
+    run.add_cost(flops, seconds)
     record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
-              "tok_s": n_tokens / seconds, "flops": run.flops.last, "seconds": seconds}
+              "tok_s": n_tokens / seconds, "flops": flops, "seconds": seconds}
     run.log(record)
     return record
 
