@@ -111,12 +111,14 @@ def _apply(coef: torch.Tensor, size) -> int:
 
 class FlopMeter:
     """Counts (or predicts) FLOPs of the code run inside `measure()`; `enabled=False` makes it free and
-    report 0; `exact=True` counts every block (for audits and tests). `last` is the latest block's FLOPs."""
+    report 0. `exact=True` counts every block and checks each prediction it would have made against the
+    count (`predictions`, `mismatches`): the audit the tests run. `last` is the latest block's FLOPs."""
 
     def __init__(self, enabled: bool = True, exact: bool = False):
         self.enabled, self.exact = enabled, exact
         self.last = 0
-        self.counted = 0  # blocks actually run under FlopCounterMode
+        self.counted = self.predictions = 0  # blocks run under FlopCounterMode; predictions made
+        self.mismatches: list[tuple] = []  # (key, size, predicted, counted), exact mode only
         self._keys: dict[str, _Key] = {}
 
     @contextlib.contextmanager
@@ -126,18 +128,22 @@ class FlopMeter:
             yield self
             return
         state = self._keys.setdefault(key, _Key())
-        predicted = None if self.exact else state.predict(size)
+        predicted = state.predict(size)
         if predicted is not None:
-            if size is None:
-                state.remember(predicted)
-            self.last = predicted
-            yield self
-            return
+            self.predictions += 1
+            if not self.exact:
+                if size is None:
+                    state.remember(predicted)
+                self.last = predicted
+                yield self
+                return
         counter = FlopCounterMode(display=False)
         with counter:
             yield self
         self.last = counter.get_total_flops()
         self.counted += 1
+        if predicted is not None and predicted != self.last:
+            self.mismatches.append((key, size, predicted, self.last))
         state.record(size, self.last)
 
     # ---- resume: counting changes the last bits of a backward pass (FlopCounterMode dispatches every op
