@@ -1,0 +1,188 @@
+"""`rankwise bench overhead`: what a rankwise step costs beyond its kernels.
+
+Side by side on the same model, initial weights and pre-collated batches, each step timed from the CPU
+batch to the finished update (host-to-device copy included, the device synchronised on CUDA):
+
+- minimal: a hand-written loop — forward, loss on labelled tokens, backward, clip, AdamW (foreach);
+- rankwise: the recipe's own `train_step` (count_flops=false), and the other variants asked for:
+  flops (count_flops=true), loft, lorapre, lorapre-muon, full (their optimizer or method instead).
+
+Repeats alternate the order so machine noise hits every variant alike. The report gives each variant's
+median step (over repeats of the median after the warm-up steps) and mean step (every step after the
+first, so FLOP counting's first steps are charged), and the ratios the targets are stated in:
+rankwise / minimal, flops / rankwise, loft / rankwise, lorapre / rankwise.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rankwise import runtime
+from rankwise.bench import register, write_json
+from rankwise.config import load_config
+
+WARMUP_STEPS = 3  # excluded from the medians (allocator, thread pool, FLOP fitting's first counts)
+VARIANTS = {  # name -> overrides on top of the bench's config; "minimal" is the hand-written loop
+    "minimal": [],
+    "rankwise": ["count_flops=false"],
+    "flops": ["count_flops=true"],
+    "loft": ["optimizer=loft", "count_flops=false"],
+    "lorapre": ["method=full", "optimizer=lorapre", "count_flops=false"],
+    "lorapre-muon": ["method=full", "optimizer=lorapre-muon", "count_flops=false"],
+    "full": ["method=full", "count_flops=false"],
+}
+RATIOS = {"rankwise/minimal": ("rankwise", "minimal"), "flops/rankwise": ("flops", "rankwise"),
+          "loft/rankwise": ("loft", "rankwise"), "lorapre/rankwise": ("lorapre", "rankwise"),
+          "lorapre-muon/rankwise": ("lorapre-muon", "rankwise"), "full/rankwise": ("full", "rankwise")}
+SCALES = {"tiny": ["batch_size=8", "precision=fp32"], "default": []}
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _minimal_times(cfg, batches) -> list[float]:
+    """Seconds per step of the plainest loop that trains the same adapter on the same batches."""
+    from rankwise.methods import get_method
+    from rankwise.models import load_model
+    from rankwise.train.loss import to_device
+
+    device = runtime.pick_device(cfg.device)
+    runtime.seed_everything(cfg.seed)
+    model = get_method(cfg.method).apply(load_model(cfg.model), cfg).to(device).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
+    decoder, head = model.get_decoder(), model.get_output_embeddings()
+    autocast = runtime.autocast_for(cfg.precision, device)
+    times = []
+    for cpu_batch in batches:
+        start = time.perf_counter()
+        b = to_device(cpu_batch, device)
+        with autocast():
+            hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+            logits = head(hidden.reshape(-1, hidden.shape[-1]).index_select(0, b["label_index"]))
+        F.cross_entropy(logits.float(), b["targets"]).backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _synchronize(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def _rankwise_times(cfg, batches) -> list[float]:
+    """Seconds per step of the recipe's train_step fed the same CPU batches."""
+    from rankwise.train.loss import to_device
+    from rankwise.train.recipe import build_run, train_step
+
+    run = build_run(cfg, say=lambda *_: None)
+    feed = iter(batches)
+    run.micro_batch = lambda: to_device(next(feed), run.device)
+    times = []
+    try:
+        for _ in batches:
+            start = time.perf_counter()
+            train_step(run)
+            _synchronize(run.device)
+            times.append(time.perf_counter() - start)
+    finally:
+        run.log_file.close()
+    return times
+
+
+def _batches(cfg, n: int) -> list[dict]:
+    from rankwise.data import collate, encode_all, load_splits
+    from rankwise.models import load_tokenizer
+    from rankwise.train.stream import ExampleStream
+
+    tok = load_tokenizer(cfg.model)
+    items = encode_all(tok, load_splits(cfg.data).train, cfg.max_length)
+    stream = ExampleStream(len(items), cfg.seed)
+    return [collate([items[i] for i in stream.take(cfg.batch_size)], tok.pad_token_id) for _ in range(n)]
+
+
+def summarize(times: dict[str, list[list[float]]]) -> dict:
+    """Per variant: median step (median over repeats of each repeat's median after warm-up) and mean step
+    (over repeats of each repeat's mean after its first step); and the target ratios of both."""
+    out = {"median_s": {}, "mean_s": {}}
+    for name, repeats in times.items():
+        out["median_s"][name] = statistics.median(statistics.median(r[WARMUP_STEPS:]) for r in repeats)
+        out["mean_s"][name] = statistics.median(statistics.fmean(r[1:]) for r in repeats)
+    out["ratios"] = {label: {"median": out["median_s"][a] / out["median_s"][b], "mean": out["mean_s"][a] / out["mean_s"][b]}
+                     for label, (a, b) in RATIOS.items() if a in times and b in times}
+    return out
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="rankwise bench overhead", description=__doc__.splitlines()[0])
+    p.add_argument("--scale", choices=sorted(SCALES), default="tiny",
+                   help="tiny: a random tiny Llama, batch 8, fp32 (fixed costs dominate); default: SmolLM2-135M")
+    p.add_argument("--variants", default="minimal,rankwise,flops",
+                   help=f"comma-separated, from: {', '.join(VARIANTS)}")
+    p.add_argument("--steps", type=int, help=f"steps per variant and repeat (medians skip the first {WARMUP_STEPS})")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("overrides", nargs="*", help="train config overrides, e.g. rank=8 batch_size=4")
+    ns = p.parse_args(argv)
+    variants = [v for v in ns.variants.split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        p.error(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    steps = ns.steps or (30 if ns.scale == "tiny" else 8)
+    if steps <= WARMUP_STEPS or ns.repeats < 1:
+        p.error(f"--steps must be > {WARMUP_STEPS} and --repeats >= 1")
+
+    times: dict[str, list[list[float]]] = {v: [] for v in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        base = ["sample=false", "eval_every=0", f"device={ns.device}", f"steps={steps}"] + SCALES[ns.scale]
+        if ns.scale == "tiny":
+            from rankwise.tiny import make_tiny_model_dir
+
+            base.append(f"model={make_tiny_model_dir(tmp / 'tiny')}")
+        cfg = load_config(None, base + list(ns.overrides) + [f"out={tmp / 'probe'}"])
+        batches = _batches(cfg, steps)
+        for r in range(ns.repeats):
+            for i in range(len(variants)):
+                name = variants[(i + r) % len(variants)]  # rotate the order every repeat
+                run_cfg = load_config(None, base + VARIANTS[name] + list(ns.overrides) + [f"out={tmp / f'{name}{r}'}"])
+                t = _minimal_times(run_cfg, batches) if name == "minimal" else _rankwise_times(run_cfg, batches)
+                times[name].append(t)
+                gc.collect()
+                print(f"repeat {r + 1}/{ns.repeats} {name:13s} median step {1e3 * statistics.median(t[WARMUP_STEPS:]):8.2f} ms",
+                      flush=True)
+
+    summary = summarize(times)
+    device = runtime.pick_device(ns.device)
+    report = {"benchmark": "overhead", "date": date.today().isoformat(), "machine": _machine(device),
+              "scale": ns.scale, "steps": steps, "warmup_steps": WARMUP_STEPS, "repeats": ns.repeats,
+              "overrides": ns.overrides, "step_seconds": times, **summary}
+    print("\n| variant | median step (ms) | mean step (ms) |\n|---|---|---|")
+    for name in variants:
+        print(f"| {name} | {1e3 * summary['median_s'][name]:.2f} | {1e3 * summary['mean_s'][name]:.2f} |")
+    for label, ratio in summary["ratios"].items():
+        print(f"{label} = {ratio['median']:.3f} (median step), {ratio['mean']:.3f} (mean step)")
+    if ns.out:
+        write_json(ns.out, report)
+    return 0
+
+
+def _machine(device: torch.device) -> str:
+    import platform
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return f"{where}, torch {torch.__version__}"
+
+
+register("overhead", main)
