@@ -121,3 +121,17 @@ def test_grad_accumulation_equals_one_big_batch(tiny_cfg, tmp_path):
     big, split = one_step(batch_size=4, grad_accum=1), one_step(batch_size=2, grad_accum=2)
     for name in big:
         torch.testing.assert_close(split[name], big[name], rtol=1e-5, atol=1e-6)
+
+
+def test_compile_trains_like_eager(tiny_cfg, tmp_path):
+    """compile=true (torch.compile of the decoder, inductor's C++ on CPU) follows the eager run's losses."""
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        train(tiny_cfg(out=str(out), steps=4, eval_every=0, compile=compiled, count_flops=False), say=lambda *_: None)
+        runs[compiled] = [r for r in read_metrics(out / "metrics.jsonl") if r["kind"] in ("train", "eval")]
+    eager, compiled = runs[False], runs[True]
+    assert [r["kind"] for r in eager] == [r["kind"] for r in compiled]
+    for a, b in zip(eager, compiled):
+        key = "loss" if a["kind"] == "train" else "eval_loss"
+        assert b[key] == pytest.approx(a[key], rel=1e-4)

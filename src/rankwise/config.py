@@ -60,7 +60,8 @@ class Config:
     # batch_size x grad_accum x processes; see rankwise.train.dist
     nproc: int = 1  # processes on this machine; > 1 re-launches the command under torchrun
     parallel: str = "ddp"  # ddp (replicated weights) | fsdp (FSDP2 fully_shard: weights, grads, state sharded)
-    count_flops: bool = True  # measure FLOPs per step with torch.utils.flop_counter
+    count_flops: bool = True  # FLOPs per step: counted (torch.utils.flop_counter) for the first steps, then predicted
+    compile: bool = False  # torch.compile the decoder for the loss (training and evaluation; not generation)
     sample: bool = True  # print a before/after generation for one held-out function
     out: str = "runs/default"
     resume: str | None = None  # a checkpoint directory, a run directory, or "latest" (in `out`)

@@ -69,6 +69,8 @@ def check_parallel(cfg: Config) -> None:
         if cfg.method not in FSDP_METHODS:
             raise ConfigError(f"parallel=fsdp supports methods {', '.join(FSDP_METHODS)}, not {cfg.method!r}; "
                               f"use parallel=ddp")
+        if cfg.compile:
+            raise ConfigError("compile=true is not supported with parallel=fsdp yet; use parallel=ddp")
         if cfg.optimizer not in FSDP_OPTIMIZERS:
             raise ConfigError(f"parallel=fsdp supports optimizer {', '.join(FSDP_OPTIMIZERS)}, not "
                               f"{cfg.optimizer!r} (it works on whole matrices); use parallel=ddp")
@@ -163,14 +165,14 @@ def shutdown(world: World) -> None:
 
 
 # ---- wrapping and saving the model ------------------------------------------------------------------
-def parallelize(model: torch.nn.Module, world: World, device: torch.device) -> torch.nn.Module:
+def parallelize(model: torch.nn.Module, world: World, device: torch.device, compile: bool = False) -> torch.nn.Module:
     """The module the loop calls for losses: TokenLoss(model), under DDP or FSDP2 when world.size > 1.
 
     FSDP2 shards each decoder layer, then the root (embeddings, final norm, head); call before
     building the optimizer, which must see the sharded parameters."""
     from rankwise.train.loss import TokenLoss
 
-    engine = TokenLoss(model)
+    engine = TokenLoss(model, compile=compile)
     if world.size == 1:
         return engine
     if world.parallel == "fsdp":

@@ -40,24 +40,30 @@ class TokenLoss(torch.nn.Module):
     """The model with its loss as `forward`: the module DDP and FSDP wrap, so every forward (training,
     evaluation, Fast Forward's tiny set) goes through their hooks."""
 
-    def __init__(self, model):
+    def __init__(self, model, compile: bool = False):
         super().__init__()
         self.model = model
+        decoder, _ = _split_head(model)
+        if compile and decoder is None:
+            raise ValueError("compile=true needs a model with a decoder and a plain Linear head")
+        # kept off the module tree (a plain attribute would register the decoder's parameters twice)
+        self.__dict__["compiled_decoder"] = torch.compile(decoder) if compile else None
 
     def forward(self, input_ids, attention_mask, labels, **prepared):
         batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **prepared}
-        return token_loss_sum(self.model, batch)
+        return token_loss_sum(self.model, batch, decoder=self.compiled_decoder)
 
 
 def _wraps_token_loss(model) -> bool:
     return isinstance(model, TokenLoss) or isinstance(getattr(model, "module", None), TokenLoss)
 
 
-def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def token_loss_sum(model, batch: dict[str, torch.Tensor], decoder=None) -> tuple[torch.Tensor, int]:
     """Sum of next-token cross-entropy over labelled positions, and their count.
 
     `model` is a causal LM or a (DDP/FSDP-wrapped) TokenLoss around one. A batch from `to_device` costs no
-    host-device sync; a plain collated one finds its labelled positions with a boolean mask (one sync)."""
+    host-device sync; a plain collated one finds its labelled positions with a boolean mask (one sync).
+    `decoder`: a compiled stand-in for the model's own decoder."""
     if _wraps_token_loss(model):
         return model(**batch)
     if "label_index" in batch:
@@ -68,7 +74,8 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    decoder, head = _split_head(model)
+    plain_decoder, head = _split_head(model)
+    decoder = plain_decoder if decoder is None else decoder
     if decoder is not None:
         hidden = decoder(**inputs).last_hidden_state
         logits = head(_rows(hidden, index))

@@ -210,7 +210,7 @@ def build_run(cfg: Config, say=print) -> Run:
     n_train = sum(p.numel() for p in trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
     say(f"model: {cfg.model} | method {cfg.method}: {n_train:,} trainable of {n_all:,} ({100 * n_train / n_all:.2f}%)")
-    engine = dist.parallelize(model, world, device)  # before the optimizer: FSDP replaces the parameters
+    engine = dist.parallelize(model, world, device, compile=cfg.compile)  # before the optimizer: FSDP replaces the parameters
     if world.size > 1:
         say(f"world: {world.size} processes ({cfg.parallel}, {torch.distributed.get_backend()}) | global batch "
             f"{cfg.batch_size} x {cfg.grad_accum} accum x {world.size} = "
