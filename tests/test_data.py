@@ -106,3 +106,25 @@ def test_collate_pads_and_masks(tok):
     assert batch["input_ids"].shape == (2, 4)
     assert batch["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 0, 0, 0]]
     assert batch["labels"][1].tolist() == [IGNORE] * 4
+
+
+def test_pack_first_fit_longest_first_and_refuses_what_cannot_fit():
+    from rankwise.data import pack
+
+    rows = pack([5, 3, 8, 2, 6], capacity=10)
+    assert rows == [[2, 3], [4, 1], [0]]  # 8+2, 6+3, 5: no row over capacity, every item once
+    with pytest.raises(ValueError):
+        pack([11], capacity=10)
+
+
+def test_collate_packed_restarts_positions_and_drops_each_first_label():
+    from rankwise.data import IGNORE, collate_packed
+
+    items = [{"input_ids": [1, 2, 3], "labels": [7, 2, 3]}, {"input_ids": [4, 5], "labels": [9, 5]},
+             {"input_ids": [6, 7, 8, 9], "labels": [IGNORE, IGNORE, 8, 9]}]
+    batch = collate_packed(items, pad_id=0, capacity=7, multiple=4)
+    assert batch["input_ids"].tolist() == [[6, 7, 8, 9, 1, 2, 3, 0], [4, 5, 0, 0, 0, 0, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2, 0], [0, 1, 0, 1, 2, 3, 4, 5]]
+    # a packed item's first label would be predicted from the previous item's last token: dropped
+    assert batch["labels"].tolist() == [[IGNORE, IGNORE, 8, 9, IGNORE, 2, 3, IGNORE], [IGNORE, 5] + [IGNORE] * 6]
+    assert batch["attention_mask"].sum() == 9

@@ -47,6 +47,7 @@ class Config:
     steps: int = 40  # optimizer steps
     batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
+    packing: bool = False  # pack each micro-batch's examples into fewer rows of max_length tokens (same examples, less padding)
     clip: float = 1.0  # max gradient norm; 0 disables clipping
     eval_every: int = 10  # optimizer steps between held-out evaluations; 0 = start and end only
     eval_examples: int = 64  # held-out test examples used for evaluation

@@ -76,3 +76,47 @@ def collate(items: list[dict], pad_id: int, multiple: int = 8) -> dict[str, torc
         labels[row, :n] = torch.tensor(x["labels"])
         mask[row, :n] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Item indices grouped into rows of at most `capacity` tokens: first-fit, longest first (ties by index)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        if lengths[i] > capacity:
+            raise ValueError(f"an item of {lengths[i]} tokens does not fit a row of {capacity}")
+        row = next((r for r, free in enumerate(room) if free >= lengths[i]), None)
+        if row is None:
+            rows.append([])
+            room.append(capacity)
+            row = len(rows) - 1
+        rows[row].append(i)
+        room[row] -= lengths[i]
+    return rows
+
+
+def collate_packed(items: list[dict], pad_id: int, capacity: int, multiple: int = 8) -> dict[str, torch.Tensor]:
+    """The same items as `collate`, packed several to a row (see `pack`) with `position_ids` restarting at 0
+    for each; a model given position_ids and no attention mask keeps them from attending to one another
+    (transformers' packed-sequence masks). Each item's first label is dropped, as unpacked (nothing
+    predicts it); the padding at a row's end is a segment of its own. attention_mask marks real tokens,
+    for counting only."""
+    rows = pack([len(x["input_ids"]) for x in items], capacity)
+    longest = max(sum(len(items[i]["input_ids"]) for i in row) for row in rows)
+    width = -(-longest // multiple) * multiple
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for i in row:
+            x = items[i]
+            n = len(x["input_ids"])
+            ids[r, start:start + n] = torch.tensor(x["input_ids"])
+            labels[r, start + 1:start + n] = torch.tensor(x["labels"][1:])
+            mask[r, start:start + n] = 1
+            positions[r, start:start + n] = torch.arange(n)
+            start += n
+        positions[r, start:] = torch.arange(width - start)
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "position_ids": positions}

@@ -71,9 +71,11 @@ def token_loss_sum(model, batch: dict[str, torch.Tensor], decoder=None) -> tuple
     else:
         index, targets = _labelled(batch["labels"])
         count = int(index.numel())
-    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if "position_ids" in batch:
-        inputs["position_ids"] = batch["position_ids"]
+    if "position_ids" in batch:  # packed rows: no mask, so the model builds block-diagonal attention
+        inputs = {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    else:
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    inputs["use_cache"] = False  # a loss needs no KV cache (and a cache would turn packed masks off)
     plain_decoder, head = _split_head(model)
     decoder = plain_decoder if decoder is None else decoder
     if decoder is not None:

@@ -23,7 +23,7 @@ from transformers.utils import logging as hf_logging
 
 from rankwise import runtime
 from rankwise.config import Config, save_config
-from rankwise.data import DataError, collate, encode_all, load_splits
+from rankwise.data import DataError, collate, collate_packed, encode_all, load_splits
 from rankwise.methods import get_method
 from rankwise.models import load_model, load_tokenizer
 from rankwise.optim import get_optimizer, trainable_parameters
@@ -111,6 +111,8 @@ class Run:
         size, world = self.cfg.batch_size, self.world
         indices = self.stream.take(size * world.size)[world.rank * size:(world.rank + 1) * size]
         items = [self.train_items[i] for i in indices]
+        if self.cfg.packing:
+            return to_device(collate_packed(items, self.tokenizer.pad_token_id, self.cfg.max_length), self.device)
         return to_device(collate(items, self.tokenizer.pad_token_id), self.device)
 
     def test_loss(self) -> float:
@@ -305,7 +307,8 @@ def train_step(run: Run) -> dict:
     run.step += 1
     run.tokens_seen += int(n_tokens)
     run.add_cost(flops, seconds)
-    record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens,
+    padding = 1 - sum(b["n_tokens"] for b in batches) / sum(b["input_ids"].numel() for b in batches)
+    record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "padding": padding,
               "tok_s": n_tokens / seconds, "flops": flops, "seconds": seconds}
     run.log(record)
     return record
