@@ -45,8 +45,12 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 def _adamw(model, cfg: Config) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay, foreach=True)
+    params = trainable_parameters(model)
+    # fused: one kernel for the whole update on CUDA (foreach reads each step counter on the host); on
+    # the CPU foreach keeps the arithmetic every earlier run and test was made with
+    fused = bool(params) and all(p.is_cuda and type(p.data) is torch.Tensor for p in params)  # not FSDP's DTensors
+    return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                             foreach=not fused, fused=fused or None)
 
 
 def _check_adamw(cfg: Config) -> None:
