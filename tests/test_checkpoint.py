@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,45 @@ def test_sigterm_saves_and_resume_finishes(tiny_model_dir, tmp_path):
                           capture_output=True, text=True, timeout=300, env=os.environ)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ckpt.read_meta(ckpt.resolve("latest", out))["step"] == stopped_at + 2
+
+
+class _Payload:
+    """Unpickling this calls a function: what a tampered state.pt would carry."""
+
+    def __reduce__(self):
+        return (_touch, ("/tmp/rankwise-pickle-ran",))
+
+
+def _touch(path):
+    Path(path).write_text("ran")
+
+
+def test_state_with_a_pickle_payload_is_refused_without_running_it(tiny_cfg, tmp_path):
+    from rankwise.train.recipe import CheckpointError, train
+
+    cfg = tiny_cfg(out=str(tmp_path / "run"), steps=2, eval_every=0)
+    summary = train(cfg, say=lambda *_: None)
+    state_file = Path(summary["checkpoint"]) / "state.pt"
+    state = torch.load(state_file, weights_only=True)  # a genuine state needs no code to load
+    state["hooks_extra"] = _Payload()
+    torch.save(state, state_file)
+    marker = Path("/tmp/rankwise-pickle-ran")
+    marker.unlink(missing_ok=True)
+    with pytest.raises(CheckpointError, match="refusing the state.pt"):
+        train(tiny_cfg(out=str(tmp_path / "run"), steps=4, eval_every=0, resume="latest"), say=lambda *_: None)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("method,optimizer", [("full", "galore"), ("full", "lorapre"), ("lora", "loft"),
+                                              ("lora", "adamw")])
+def test_every_optimizers_state_loads_without_unpickling_code(tiny_cfg, tmp_path, method, optimizer):
+    from rankwise.train.recipe import train
+
+    common = dict(method=method, optimizer=optimizer, eval_every=0, save_every=2, out=str(tmp_path / "run"))
+    if optimizer == "galore":
+        common["optimizer_args.update_proj_gap"] = 2
+    train(tiny_cfg(steps=2, **common), say=lambda *_: None)
+    state = ckpt.load_state(tmp_path / "run/checkpoints/step-000002/state.pt")
+    assert state["step"] == 2 and state["optimizer"]["state"]
+    summary = train(tiny_cfg(steps=3, resume="latest", **common), say=lambda *_: None)
+    assert summary["step"] == 3

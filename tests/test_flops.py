@@ -103,3 +103,18 @@ def test_a_run_counts_only_its_first_steps(tiny_cfg, monkeypatch):
     assert len(records) == 30 and all(r["flops"] > 0 for r in records)
     # 30 micro-batches and 30 updates: the fit needs 5 counted sizes, the update 3 repeats (+1 recheck at 50)
     assert meter.counted <= 5 + 3 + 2, meter.counted
+
+
+def test_mfu_is_measured_flops_over_the_known_peak(tiny_cfg, monkeypatch):
+    import rankwise.runtime as runtime
+
+    monkeypatch.setattr(runtime, "peak_flops", lambda device: (2e9, "test chip"), raising=False)
+    summary = recipe.train(tiny_cfg(steps=2, eval_every=0), say=lambda *_: None)
+    records = [r for r in read_metrics(f"{summary['checkpoint']}/../../metrics.jsonl") if r["kind"] == "train"]
+    assert len(records) == 2
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["flops"] / r["seconds"] / 2e9)
+    monkeypatch.setattr(runtime, "peak_flops", lambda device: None, raising=False)
+    summary = recipe.train(tiny_cfg(steps=1, eval_every=0, overwrite=True), say=lambda *_: None)
+    records = [r for r in read_metrics(f"{summary['checkpoint']}/../../metrics.jsonl") if r["kind"] == "train"]
+    assert "mfu" not in records[0]  # no known peak (a CPU): no made-up utilisation

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from rankwise.fastforward.core import FastForward, FFOptions
+from rankwise.train.checkpoint import load_state
 
 STATE_FILE = "fast_forward.pt"
 MODEL_KEYS = ("input_ids", "attention_mask", "labels")
@@ -52,7 +53,7 @@ class FastForwardCallback(TrainerCallback):
         self.ff = FastForward([p for p in model.parameters() if p.requires_grad], tiny_loss, self.options)
         saved = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
         if state.global_step > 0 and saved.is_file():  # resuming: continue the stages exactly
-            self.ff.load_state_dict(torch.load(saved, weights_only=False))
+            self.ff.load_state_dict(load_state(saved))
         elif state.global_step > 0:
             self.ff.step = state.global_step
             self.ff.next_stage = max(self.ff.next_stage, state.global_step + 1)

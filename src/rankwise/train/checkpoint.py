@@ -26,6 +26,23 @@ ADAPTER = "adapter"
 LATEST = "latest"
 
 
+def load_state(path: Path) -> dict:
+    """A state.pt read without running pickled code (torch.load weights_only=True): tensors, numbers,
+    strings and containers, plus the classes in `safe_classes()`. Anything else in the file — a tampered
+    checkpoint's code, say — raises pickle.UnpicklingError instead of running."""
+    with torch.serialization.safe_globals(safe_classes()):
+        return torch.load(path, weights_only=True)
+
+
+def safe_classes() -> list[type]:
+    """Non-tensor objects an optimizer keeps in its state: GaLore's projector (its matrices and counters)."""
+    try:
+        from galore_torch.galore_projector import GaLoreProjector
+    except ImportError:
+        return []
+    return [GaLoreProjector]
+
+
 def probe_write(directory: Path, nbytes: int = 1 << 16) -> None:
     """Raise OSError unless `nbytes` can be written and fsynced to a new file in `directory`.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import pickle
 import shutil
 import signal
 import time
@@ -67,6 +68,7 @@ class Run:
     engine: torch.nn.Module  # TokenLoss(model), under DDP or FSDP2 when world.size > 1
     world: dist.World = field(default_factory=dist.World)
     params: list = field(default_factory=list)  # the trainable tensors, listed once (FSDP's, after sharding)
+    peak: tuple | None = None  # (FLOP/s, name): the device's dense bf16 peak, where known, for MFU
     hooks: list = field(default_factory=list)
     flops: FlopMeter = field(default_factory=FlopMeter)
     step: int = 0
@@ -228,14 +230,16 @@ def build_run(cfg: Config, say=print) -> Run:
               log_file=MetricsLog(out / "metrics.jsonl",
                                   truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"])
               if world.main else None,
-              engine=engine, world=world, params=trainable_parameters(model))
+              engine=engine, world=world, params=trainable_parameters(model), peak=runtime.peak_flops(device))
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     run.generate_examples = splits.test[:cfg.eval_generate]
     if resume_from is not None:
         with _damaged(resume_from, ckpt.STATE):
-            state = torch.load(resume_from / ckpt.STATE, weights_only=False)
+            state = ckpt.load_state(resume_from / ckpt.STATE)
         run.load_state_dict(state)
         say(f"resumed from {resume_from} at step {run.step}")
+    if run.peak is not None and cfg.count_flops:
+        say(f"MFU: measured FLOPs over the {run.peak[1]}'s dense bf16 peak, {run.peak[0] / 1e12:.0f} TFLOP/s")
     if world.main:
         save_config(cfg, out / "config.yaml")
     return run
@@ -243,9 +247,14 @@ def build_run(cfg: Config, say=print) -> Run:
 
 @contextlib.contextmanager
 def _damaged(checkpoint: Path, part: str):
-    """Any failure to read a part of a checkpoint is reported as that checkpoint being damaged."""
+    """Any failure to read a part of a checkpoint is reported as that checkpoint being damaged (or, for
+    objects that only unpickling code could rebuild, refused)."""
     try:
         yield
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing the {part} of checkpoint {checkpoint}: it holds objects other than "
+                              f"tensors and plain values, and loading them could run code; resume from a "
+                              f"checkpoint rankwise wrote") from e
     except Exception as e:
         raise CheckpointError(f"cannot read the {part} of checkpoint {checkpoint} ({type(e).__name__}); it is "
                               f"damaged: resume from an earlier one (resume={checkpoint.parent}/step-N)") from e
@@ -310,6 +319,8 @@ def train_step(run: Run) -> dict:
     padding = 1 - sum(b["n_tokens"] for b in batches) / sum(b["input_ids"].numel() for b in batches)
     record = {"kind": "train", "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens": n_tokens, "padding": padding,
               "tok_s": n_tokens / seconds, "flops": flops, "seconds": seconds}
+    if run.peak is not None and flops:  # this rank's FLOPs over its own device's peak
+        record["mfu"] = flops / seconds / run.peak[0]
     run.log(record)
     return record
 
@@ -383,7 +394,8 @@ def _loop(run: Run, say) -> dict:
             if dist.any_all(run.world, run.stop_reason is not None):  # one rank signalled: all stop here
                 run.stop_reason = run.stop_reason or "a signal to another rank"
             bar.update(1)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tok_s']:.0f}")
+            bar.set_postfix(loss=f"{last['loss']:.3f}", lr=f"{last['lr']:.2e}", tok_s=f"{last['tok_s']:.0f}",
+                            **({"mfu": f"{100 * last['mfu']:.1f}%"} if "mfu" in last else {}))
             if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < cfg.steps:
                 eval_loss = run.test_loss()
                 run.log({"kind": "eval", "eval_loss": eval_loss})
