@@ -11,6 +11,10 @@ Repeats alternate the order so machine noise hits every variant alike. The repor
 median step (over repeats of the median after the warm-up steps) and mean step (every step after the
 first, so FLOP counting's first steps are charged), and the ratios the targets are stated in:
 rankwise / minimal, flops / rankwise, loft / rankwise, lorapre / rankwise.
+
+`--ops` also dispatches one more step of each rankwise variant under a counting mode and reports what a
+GPU would feel: operators launched per step (by name), and host reads of tensor values (`.item()`,
+`nonzero`, ...) with the line that made each — the syncs, where the tensor lives on the device.
 """
 from __future__ import annotations
 
@@ -79,8 +83,40 @@ def _minimal_times(cfg, batches) -> list[float]:
     return times
 
 
-def _rankwise_times(cfg, batches) -> list[float]:
-    """Seconds per step of the recipe's train_step fed the same CPU batches."""
+HOST_READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")  # ops whose result goes to the host
+
+
+def count_ops(step) -> dict:
+    """Operators dispatched by `step()` by name, and host reads with the tensor's device (a read of a CPU
+    tensor costs no sync) and the innermost rankwise/transformers/torch.optim/peft frame that asked."""
+    import collections
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops, reads = collections.Counter(), collections.Counter()
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            ops[name] += 1
+            if name in HOST_READS:
+                frames = [f for f in traceback.extract_stack()[:-1]
+                          if any(k in f.filename for k in ("rankwise", "transformers", "torch/optim", "peft"))]
+                where = frames[-1] if frames else None
+                device = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "?")
+                place = f" at {Path(where.filename).name}:{where.lineno}" if where else ""
+                reads[f"{name} of a {device} tensor{place}"] += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return {"ops_per_step": sum(ops.values()), "by_op": dict(ops.most_common(15)), "host_reads": dict(reads)}
+
+
+def _rankwise_times(cfg, batches, ops: dict | None = None) -> list[float]:
+    """Seconds per step of the recipe's train_step fed the same CPU batches; with `ops` (a dict), one more
+    step is dispatched under count_ops and its report stored there."""
     from rankwise.train.loss import to_device
     from rankwise.train.recipe import build_run, train_step
 
@@ -94,6 +130,9 @@ def _rankwise_times(cfg, batches) -> list[float]:
             train_step(run)
             _synchronize(run.device)
             times.append(time.perf_counter() - start)
+        if ops is not None:
+            feed = iter(batches[-1:])
+            ops.update(count_ops(lambda: train_step(run)))
     finally:
         run.log_file.close()
     return times
@@ -131,6 +170,7 @@ def main(argv: list[str]) -> int:
     p.add_argument("--steps", type=int, help=f"steps per variant and repeat (medians skip the first {WARMUP_STEPS})")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto (cuda when present) | cpu | cuda")
+    p.add_argument("--ops", action="store_true", help="count operators and host reads of one step per variant")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="train config overrides, e.g. rank=8 batch_size=4")
     ns = p.parse_args(argv)
@@ -143,6 +183,7 @@ def main(argv: list[str]) -> int:
         p.error(f"--steps must be > {WARMUP_STEPS} and --repeats >= 1")
 
     times: dict[str, list[list[float]]] = {v: [] for v in variants}
+    ops: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = ["sample=false", "eval_every=0", f"device={ns.device}", f"steps={steps}"] + SCALES[ns.scale]
@@ -156,7 +197,10 @@ def main(argv: list[str]) -> int:
             for i in range(len(variants)):
                 name = variants[(i + r) % len(variants)]  # rotate the order every repeat
                 run_cfg = load_config(None, base + VARIANTS[name] + list(ns.overrides) + [f"out={tmp / f'{name}{r}'}"])
-                t = _minimal_times(run_cfg, batches) if name == "minimal" else _rankwise_times(run_cfg, batches)
+                counted = {} if ns.ops and r == 0 and name != "minimal" else None
+                t = _minimal_times(run_cfg, batches) if name == "minimal" else _rankwise_times(run_cfg, batches, counted)
+                if counted:
+                    ops[name] = counted
                 times[name].append(t)
                 gc.collect()
                 print(f"repeat {r + 1}/{ns.repeats} {name:13s} median step {1e3 * statistics.median(t[WARMUP_STEPS:]):8.2f} ms",
@@ -166,12 +210,15 @@ def main(argv: list[str]) -> int:
     device = runtime.pick_device(ns.device)
     report = {"benchmark": "overhead", "date": date.today().isoformat(), "machine": _machine(device),
               "scale": ns.scale, "steps": steps, "warmup_steps": WARMUP_STEPS, "repeats": ns.repeats,
-              "overrides": ns.overrides, "step_seconds": times, **summary}
+              "overrides": ns.overrides, "step_seconds": times, **summary, **({"ops": ops} if ops else {})}
     print("\n| variant | median step (ms) | mean step (ms) |\n|---|---|---|")
     for name in variants:
         print(f"| {name} | {1e3 * summary['median_s'][name]:.2f} | {1e3 * summary['mean_s'][name]:.2f} |")
     for label, ratio in summary["ratios"].items():
         print(f"{label} = {ratio['median']:.3f} (median step), {ratio['mean']:.3f} (mean step)")
+    for name, counted in ops.items():
+        reads = ", ".join(f"{n}x {where}" for where, n in counted["host_reads"].items()) or "none"
+        print(f"{name}: {counted['ops_per_step']} operators per step; host reads: {reads}")
     if ns.out:
         write_json(ns.out, report)
     return 0
