@@ -168,14 +168,16 @@ def measure(models: dict, batches: dict[int, torch.Tensor], new_tokens: int, rep
 def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: int, lrs: list[float],
             methods: list[str], activations: list[str], workdir: Path, tiny: bool, batch_size: int,
             eval_examples: int, precision: str, ffba_scales: tuple[float, ...] = (2.0,),
-            lora_scales: tuple[float, ...] = (2.0,), seeds: tuple[int, ...] = (0,), task_examples: int = 0) -> dict:
+            lora_scales: tuple[float, ...] = (2.0,), seeds: tuple[int, ...] = (0,), task_examples: int = 0,
+            device: str = "auto") -> dict:
     """Held-out loss after `steps` steps of the recipe for LoRA, DoRA and FFBA at the same budget, each at
     every lr of `lrs`; "best" per method is chosen on the same held-out set (the same favour for all).
     FFBA trains once per placement of `ffba_ranks` ("attn+mlp", "mlp", ...: its equal-budget rank),
     activation and scale s = alpha / rank of `ffba_scales`; LoRA and DoRA once per scale of `lora_scales`.
     Every setting trains once per seed of `seeds` (adapter initialisation and data order; the held-out set
     stays the same), and its loss is the mean over them. With `task_examples`, each run also answers that
-    many held-out prompts greedily and reports their mean ROUGE-L F1 against the references (the task metric)."""
+    many held-out prompts greedily and reports their mean ROUGE-L F1 against the references (the task metric).
+    Every run trains on `device` (the recipe's device setting)."""
     from rankwise.config import load_config
     from rankwise.train.recipe import train
 
@@ -186,7 +188,7 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
                  for placement, rank in ffba_ranks.items() for a in activations for scale in ffba_scales]
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "batch_size": batch_size,
-              "eval_examples": eval_examples, "eval_generate": task_examples}
+              "eval_examples": eval_examples, "eval_generate": task_examples, "device": device}
     if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
         from rankwise.data.stdlib_docstrings import extract
 
@@ -310,7 +312,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--new-tokens", type=int, help="greedy tokens decoded per run (default by scale)")
     p.add_argument("--lora-rank", type=int, help="LoRA/DoRA rank; FFBA's rank is chosen for the same budget")
     p.add_argument("--activation", default="identity", help="FFBA φ: identity | relu | silu")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--device", default="auto",
+                   help="auto (cuda when present) | cpu | cuda[:N]; --quality trains there too")
     p.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"),
                    help="weights dtype; auto = fp32 on CPU, bf16 on CUDA")
     p.add_argument("--threads", type=int, default=0,
@@ -367,7 +370,10 @@ def main(argv: list[str]) -> int:
 
     from rankwise import runtime
 
-    device = runtime.pick_device(ns.device)
+    try:
+        device = runtime.resolve_device(ns.device)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a malformed name such as "gpu"
+        p.error(str(e).splitlines()[0])
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rankwise-latency-") as tmp:
         name, tok, base = _load(ns.scale, Path(tmp))
@@ -391,7 +397,7 @@ def main(argv: list[str]) -> int:
             quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
                                    ns.scale == "tiny", ns.batch_size or scale["batch_size"],
                                    ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales),
-                                   tuple(lora_scales), tuple(seeds), task_examples)
+                                   tuple(lora_scales), tuple(seeds), task_examples, str(device))
             record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))

@@ -73,6 +73,16 @@ def _in_child(target, *args) -> dict:
     return result
 
 
+def _probe_device(name: str, conn) -> None:
+    """Child process: --device resolved, or its one-line error (the parent never touches CUDA: it forks)."""
+    from rankwise.runtime import resolve_device
+
+    try:
+        conn.send(str(resolve_device(name)))
+    except ValueError as e:
+        conn.send({"error": str(e)})
+
+
 def _make_tiny(path: str, conn) -> None:
     from rankwise.tiny import make_tiny_model_dir
 
@@ -221,6 +231,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--skip-quality", action="store_true", help="only the memory check")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                    help="where every run trains (auto: cuda when present; peak memory is then the allocator's)")
     ap.add_argument("--seed", type=int, default=0, help="adapter initialisation and data order of every run "
                     "(the held-out set stays the same); rerun with another seed to see the spread")
     ap.add_argument("--out", help="write all results as JSON here (after every run, so a stopped bench keeps them)")
@@ -250,6 +262,9 @@ def main(argv: list[str]) -> int:
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
     import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
+    device = _in_child(_probe_device, args.device)
+    if isinstance(device, dict):
+        ap.error(device["error"])
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = "default"
@@ -258,6 +273,8 @@ def main(argv: list[str]) -> int:
         common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
                   f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
                   f"precision={args.precision}", f"threads={args.threads}", f"seed={args.seed}"]
+        if args.device != "auto":  # (auto: the config's default, so earlier --out files stay reusable)
+            common.append(f"device={device}")
         if scale["examples"]:
             common.append(f"data={_small_data(Path(tmp) / 'data.jsonl', scale['examples'])}")
         settings = [c.replace(tmp, "<tmp>") for c in common] + [f"steps={steps}"]  # what --reuse must match
@@ -278,7 +295,7 @@ def main(argv: list[str]) -> int:
                 if args.out:  # partial results survive a long run being stopped
                     write_json(args.out, {"partial": True, "common": settings, "steps": steps, "rows": rows})
         memory = memory_check(common, memory_rank, args.memory_steps) if memory_rank else []
-    print(f"\nLoFT bench, scale {args.scale}: {steps} steps, batch {batch}, {args.precision}, "
+    print(f"\nLoFT bench, scale {args.scale}: {steps} steps, batch {batch}, {args.precision} on {device}, "
           f"{time.time() - started:.0f} s in all")
     if rows:
         _print_rows(rows)
@@ -306,7 +323,8 @@ def main(argv: list[str]) -> int:
             if "peak_vs_lora" in row:
                 print(f"  {row['label']}: peak {row['peak_vs_lora']:.3f}x LoRA+AdamW")
     if args.out:
-        write_json(args.out, {"scale": args.scale, "common": settings, "steps": steps, "batch_size": batch,
+        write_json(args.out, {"scale": args.scale, "common": settings, "device": device, "steps": steps,
+                              "batch_size": batch,
                           "precision": args.precision, "lrs": lrs, "loft_lrs": loft_lrs, "simple_lrs": simple_lrs,
                           "lora_sweep": sweep, "rows": rows, "summary": summary, "memory": memory})
     failed = [r for r in rows + memory if "error" in r]

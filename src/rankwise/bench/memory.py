@@ -1,6 +1,6 @@
 """Peak training memory of LoRA, PEFT's LoRA-FA and rankwise's LoRA-FA, and their parameter accounting.
 
-    rankwise bench memory [--scale tiny|default] [--ranks 8,32,128] [--out results.json]
+    rankwise bench memory [--scale tiny|default] [--ranks 8,32,128] [--device auto|cpu|cuda] [--out results.json]
     rankwise bench memory --params [--model PATH] [--opt-shapes]
 
 Memory mode: every (variant, rank) runs in a fresh subprocess on the same packed batch. After one
@@ -137,11 +137,11 @@ def worker(spec: dict) -> dict:
             loss_sum, n = token_loss_sum(model, batch)
         if held is not None:
             held.append(proc_kib("VmRSS") if not cuda else torch.cuda.memory_allocated() // 1024)
-        (loss_sum / n).backward()
+        (loss_sum / max(n, 1)).backward()  # max: a warm-up row of prompt only has no labelled token
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(loss_sum) / n
+        return float(loss_sum) / max(n, 1)
 
     full, batch = batch, {k: v[:1] for k, v in batch.items()}
     step()  # warm-up on one sequence: gradients and optimizer state now exist, as in steady training
@@ -157,6 +157,8 @@ def worker(spec: dict) -> dict:
     saved, held = SavedBytes(model), []
     start = time.perf_counter()
     loss = step(saved, held)
+    if cuda:  # the loss read syncs before backward: wait for the rest of the step's kernels too
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() // 1024 if cuda else proc_kib("VmHWM")
     state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
@@ -325,7 +327,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--targets", default="all-linear", help="target_modules, e.g. all-linear or q_proj,v_proj")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: cuda when present (peak = torch.cuda.max_memory_allocated), else cpu (peak RSS)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--params", action="store_true", help="parameter accounting table instead of memory")
     p.add_argument("--param-rank", type=int, default=16)
@@ -337,6 +340,13 @@ def main(argv: list[str]) -> int:
     bad = set(ns.variants) - set(VARIANTS)
     if bad:
         p.error(f"unknown variants {sorted(bad)}; choose from {', '.join(VARIANTS)}")
+    if not ns.params:  # resolved here (the workers are fresh processes), so a missing GPU is one line, not a trace
+        from rankwise.runtime import resolve_device
+
+        try:
+            ns.device = str(resolve_device(ns.device))
+        except ValueError as e:
+            p.error(str(e))
     return _params_main(ns) if ns.params else _memory_main(ns)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import gc
 import multiprocessing
 import os
 import platform
@@ -43,14 +44,15 @@ SCALES = {
 }
 
 
-def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int, out: Path) -> list[PretrainConfig]:
+def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int, out: Path,
+            device: str = "auto") -> list[PretrainConfig]:
     """One PretrainConfig per (optimizer, lr, update scale): GaLore at rank r, LoRA-Pre at rank r/8, AdamW full.
 
     GaLore and LoRA-Pre scale their matrix updates (by default 0.25: GaLore's published setting, the
     LoRA-Pre paper's parity setup), so at one lr their embeddings/norms/head (plain Adam) step alike;
     sweeping the scale too decouples the matrices' step from the rest's."""
     base = scale["model"].split() + [f"threads={threads}", "eval_every=0", "progress=false", "save=false",
-                                     "overwrite=true"] + ([f"steps={steps}"] if steps else [])
+                                     "overwrite=true", f"device={device}"] + ([f"steps={steps}"] if steps else [])
     r = scale["rank"]
     extra = {"adamw": [], "galore": [f"rank={r}", f"optimizer_args.update_proj_gap={scale['gap']}"],
              "lorapre": [f"rank={max(1, r // 8)}"], "lorapre-muon": [f"rank={max(1, r // 8)}"]}
@@ -100,6 +102,7 @@ def _child(fn, args, conn) -> None:
 def isolated(fn, *args) -> dict:
     """fn(*args) -> summary dict, run in a forked child so peak RSS is per run (in-process off Linux/CUDA)."""
     if not Path("/proc/self/statm").exists() or torch.cuda.is_available():
+        gc.collect()  # an earlier run's leftovers out of this one's CUDA peak (max_memory_allocated)
         return fn(*args)
     ctx = multiprocessing.get_context("fork")
     receive, send = ctx.Pipe(duplex=False)
@@ -167,12 +170,21 @@ def main(argv: list[str]) -> int:
                         "both lorapre), e.g. 'lorapre=0.0625,0.25;galore=0.125,0.25'")
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default 1 for pre-training, the "
                         "fastest on a busy box for these small models; all cores for --finetune)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where every run trains (auto: cuda when present; peak memory is then "
+                             "torch.cuda.max_memory_allocated)")
     parser.add_argument("--workdir", default="runs/bench-optimizers")
     parser.add_argument("--out", help="write results as JSON here")
     parser.add_argument("--finetune", action="store_true",
                         help="instead: fine-tune (tiny model, or the embedded default) with LoRA vs LoRA-Pre "
                              "at the same optimizer-state bytes, each lr-swept (--lrs 'lora=...;lorapre=...')")
     args = parser.parse_args(argv)
+    from rankwise.runtime import resolve_device
+
+    try:  # (runs go in-process when CUDA is present, so resolving here forks nothing after CUDA)
+        device = str(resolve_device(args.device))
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     if args.finetune:
         if args.update_scales:
             raise SystemExit("--update-scales is for pre-training; --finetune sweeps lr only")
@@ -182,7 +194,7 @@ def main(argv: list[str]) -> int:
                              f"(known: {', '.join(finetune.METHODS)})")
         lrs = parse_grid(args.lrs, "--lrs", finetune.METHODS) if args.lrs else {}
         return finetune.main(args.scale, lrs, args.steps, args.threads or 0, args.workdir, args.out, isolated,
-                             methods)
+                             methods, device)
     args.threads = args.threads or 1
     scale = SCALES[args.scale]
     if args.lrs:
@@ -195,7 +207,7 @@ def main(argv: list[str]) -> int:
     names = [n for n in (args.optimizers or ",".join(OPTIMIZERS)).split(",") if n]
     if unknown := [n for n in names if n not in OPTIMIZERS]:
         raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} (known: {', '.join(OPTIMIZERS)})")
-    cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale)
+    cfgs = configs(scale, names, args.steps, args.threads, Path(args.workdir) / args.scale, device)
     started = time.perf_counter()
     prepare_data(cfgs[0])  # tokenizer and token streams once, before forking
     build_model(cfgs[0], 300)  # import the model code once too, so a child's RSS growth is its run alone
@@ -213,6 +225,7 @@ def main(argv: list[str]) -> int:
               "runs": rows, "best": best, "verdict": verdict(best),
               "machine": f"{platform.machine()} {os.cpu_count()} CPUs"
                          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+              "device": device,
               "torch": torch.__version__, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "wall_seconds": time.perf_counter() - started}
     print("\nall runs:\n" + table(rows) + "\n\nbest lr per optimizer:\n" + table(list(best.values())))

@@ -39,11 +39,16 @@ def method_overrides(method: str, rank: int) -> list[str]:
 
 
 def _finetune(overrides: list[str]) -> dict:
+    import torch
+
     from rankwise.config import load_config
     from rankwise.train.recipe import build_run, train_step
 
     cfg = load_config(None, overrides)
     run_ = build_run(cfg, say=lambda *_: None)
+    cuda = run_.device.type == "cuda"
+    if cuda:  # runs go in-process on CUDA (no forked child's peak RSS): the allocator's peak instead
+        torch.cuda.reset_peak_memory_stats(run_.device)
     start = run_.test_loss()
     for _ in range(cfg.steps):
         record = train_step(run_)
@@ -53,7 +58,8 @@ def _finetune(overrides: list[str]) -> dict:
             "eval_loss_start": start, "eval_loss": end, "train_loss_last": record["loss"],
             "optimizer_state_bytes": optimizer_state_bytes(run_.optimizer),
             "trainable_params": sum(p.numel() for p in run_.trainable()), "train_seconds": run_.cum_seconds,
-            "steps": cfg.steps}
+            "steps": cfg.steps, "device": str(run_.device),
+            "peak_cuda_bytes": torch.cuda.max_memory_allocated(run_.device) if cuda else None}
 
 
 def best_per_method(rows: list[dict]) -> dict[str, dict]:
@@ -64,8 +70,10 @@ def best_per_method(rows: list[dict]) -> dict[str, dict]:
     return best
 
 
-def run_all(scale: dict, workdir: Path, threads: int, model: str, out: str | None, isolated) -> list[dict]:
-    common = [f"model={model}", f"steps={scale['steps']}", f"batch_size={scale['batch_size']}",
+def run_all(scale: dict, workdir: Path, threads: int, model: str, out: str | None, isolated,
+            device: str = "auto") -> list[dict]:
+    common = [f"device={device}", f"model={model}", f"steps={scale['steps']}",
+              f"batch_size={scale['batch_size']}",
               f"max_length={scale['max_length']}", f"eval_examples={scale['eval_examples']}", "eval_every=0",
               "sample=false", "count_flops=false", f"precision={scale['precision']}", f"threads={threads}",
               "overwrite=true", "warmup_steps=2", "seed=0"]
@@ -88,12 +96,13 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"{r['method']:<13} {r['optimizer']:<13} {r['rank']:>4} {r['lr']:>7.0e} {r['eval_loss_start']:>10.4f} "
                      f"{r['eval_loss']:>9.4f} {r['optimizer_state_bytes'] / 2**20:>9.2f} {r['trainable_params']:>11,} "
-                     f"{r.get('peak_rss_growth_bytes', 0) / 2**20:>9.1f} {r['train_seconds'] / max(1, r['steps']):>7.2f}")
+                     f"{(r.get('peak_cuda_bytes') or r.get('peak_rss_growth_bytes', 0)) / 2**20:>9.1f} "
+                     f"{r['train_seconds'] / max(1, r['steps']):>7.2f}")
     return "\n".join(lines)
 
 
 def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, threads: int, workdir: str,
-         out: str | None, isolated, methods=METHODS) -> int:
+         out: str | None, isolated, methods=METHODS, device: str = "auto") -> int:
     grid = SCALES[scale_name]["lrs"] | lrs
     scale = SCALES[scale_name] | {"lrs": {m: grid[m] for m in methods}} | ({"steps": steps} if steps else {})
     started = time.perf_counter()
@@ -103,7 +112,7 @@ def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, thread
         model = str(make_tiny_model_dir(work / "tiny-model"))
     else:
         model = "default"
-    rows = run_all(scale, work, threads, model, out, isolated)
+    rows = run_all(scale, work, threads, model, out, isolated, device)
     best = best_per_method(rows)
     print("\nall runs:\n" + table(rows) + "\n\nbest lr per method (same held-out set):\n" + table(list(best.values())))
     if "lora" in best:

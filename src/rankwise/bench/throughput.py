@@ -4,6 +4,11 @@ Both sides train the same PEFT LoRA configuration from the same initial weights 
 sequence of pre-collated batches (same padding, same order), with the same optimizer, schedule,
 clipping and precision. Repeats alternate between the two so machine noise hits both alike; the
 reported figure is the median over repeats of tokens/s (non-pad tokens), first steps excluded.
+
+Both run on --device (auto: CUDA when present): rankwise gets each batch through the recipe's own
+`to_device`, the Trainer moves it as it always does. On CUDA every timed step ends with the device
+drained (torch.cuda.synchronize), so a step's seconds hold all of its kernels on both sides, and the
+report adds the device's name and model FLOPs utilisation against its dense bf16 peak, where known.
 """
 from __future__ import annotations
 
@@ -23,18 +28,28 @@ from rankwise.config import load_config
 WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
 
 
-def _rankwise_run(cfg, batches) -> list[float]:
-    """Seconds per step for rankwise's own loop on `batches` (uses the recipe's train_step)."""
+def _rankwise_run(cfg, batches) -> tuple[list[float], list[float]]:
+    """Seconds and FLOPs per step for rankwise's own loop on `batches` (uses the recipe's train_step)."""
+    from rankwise.train.loss import to_device
     from rankwise.train.recipe import build_run, train_step
 
     run = build_run(cfg, say=lambda *_: None)
     feed = iter(batches)
-    run.micro_batch = lambda: next(feed)  # same tensors as the Trainer side, in the same order
-    times = []
+    # same tensors as the Trainer side, in the same order, prepared as the recipe's micro_batch does
+    run.micro_batch = lambda: to_device(next(feed), run.device)
+    cuda = run.device.type == "cuda"
+    times, flops = [], []
     for _ in range(len(batches)):
-        times.append(train_step(run)["seconds"])
+        record = train_step(run)
+        seconds = record["seconds"]
+        if cuda:  # the step reads its loss before the optimizer step is queued: wait for that too
+            start = time.perf_counter()
+            torch.cuda.synchronize(run.device)
+            seconds += time.perf_counter() - start
+        times.append(seconds)
+        flops.append(record["flops"])
     run.log_file.close()
-    return times
+    return times, flops
 
 
 def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
@@ -48,12 +63,17 @@ def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
     torch.manual_seed(cfg.seed)
     model = get_peft_model(load_model(cfg.model), get_method("lora").lora_config(cfg))
     times: list[float] = []
+    cuda = cfg.device.startswith("cuda")
 
-    class StepTimer(TrainerCallback):
+    class StepTimer(TrainerCallback):  # on CUDA, kernels still queued would land in another step's time
         def on_step_begin(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kw):
+            if cuda:
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - self.start)
 
     class Presorted(torch.utils.data.Dataset):  # one item = one whole pre-collated batch
@@ -67,9 +87,11 @@ def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
         output_dir=str(workdir), per_device_train_batch_size=1, max_steps=len(batches), learning_rate=cfg.lr,
         lr_scheduler_type="cosine" if cfg.schedule == "cosine" else "constant_with_warmup",
         warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay, adam_beta1=cfg.betas[0],
-        adam_beta2=cfg.betas[1], max_grad_norm=cfg.clip, bf16=cfg.precision == "bf16", use_cpu=True,
+        adam_beta2=cfg.betas[1], max_grad_norm=cfg.clip, bf16=cfg.precision == "bf16", use_cpu=not cuda,
         save_strategy="no", report_to=[], logging_steps=10_000, dataloader_num_workers=0,
         remove_unused_columns=False, disable_tqdm=True, seed=cfg.seed, optim="adamw_torch")
+    if args.device.type == "cuda":  # one GPU, as rankwise: with several visible the Trainer would wrap the
+        args._n_gpu = 1  # model in DataParallel and batch several items (what it sets itself for model parallel)
     trainer = Trainer(model=model, args=args, train_dataset=Presorted(), data_collator=lambda items: items[0],
                       callbacks=[StepTimer()])
     trainer.train()
@@ -98,13 +120,24 @@ def main(argv: list[str]) -> int:
                    help="tiny: a random tiny Llama (seconds); default: the embedded SmolLM2-135M")
     p.add_argument("--steps", type=int, help="optimizer steps per repeat (timed: steps - 2)")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="where both sides train (auto: cuda when present, else cpu)")
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("overrides", nargs="*", help="train config overrides, e.g. batch_size=8 rank=8")
     ns = p.parse_args(argv)
+    if any(o.split("=", 1)[0].strip() == "device" for o in ns.overrides):
+        p.error("choose the device with --device, not a device= override")
+    from rankwise.runtime import resolve_device
+
+    try:  # auto is resolved here, so that both sides get the same device
+        device = str(resolve_device(ns.device))
+    except ValueError as e:
+        p.error(str(e))
+    timed = {"rankwise": [], "trainer": []}  # seconds of the timed steps, per repeat
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = ["sample=false", "eval_every=0"]
+        base = ["sample=false", "eval_every=0", f"device={device}"]
         if ns.scale == "tiny":
             from rankwise.tiny import make_tiny_model_dir
 
@@ -116,13 +149,19 @@ def main(argv: list[str]) -> int:
             batches = _batches(cfg, steps)
             order = ("rankwise", "trainer") if r % 2 == 0 else ("trainer", "rankwise")
             for side in order:
-                times = (_rankwise_run(cfg, batches) if side == "rankwise"
-                         else _trainer_run(cfg, batches, tmp / f"trainer{r}"))
+                if side == "rankwise":
+                    times, step_flops = _rankwise_run(cfg, batches)
+                    model_flops = sum(step_flops[WARMUP_STEPS:])
+                else:
+                    times = _trainer_run(cfg, batches, tmp / f"trainer{r}")
                 results[side].append(_tokens_per_second(batches, times))
+                timed[side].append(sum(times[WARMUP_STEPS:]))
                 print(f"repeat {r + 1}/{ns.repeats} {side:8s}: {results[side][-1]:8.1f} tokens/s", flush=True)
 
     ours, theirs = statistics.median(results["rankwise"]), statistics.median(results["trainer"])
+    utilisation = _utilisation(device, model_flops, timed)
     report = {"benchmark": "throughput", "date": date.today().isoformat(), "machine": _machine(),
+              "device": device, "device_name": _device_name(device), **utilisation,
               "scale": ns.scale, "steps_per_repeat": steps, "timed_steps": steps - WARMUP_STEPS,
               "overrides": ns.overrides, "config": {k: v for k, v in cfg.to_dict().items()
                                                       if k in ("model", "method", "rank", "alpha", "batch_size",
@@ -131,7 +170,11 @@ def main(argv: list[str]) -> int:
     print(f"\n| runner | median tokens/s | repeats |\n|---|---|---|\n"
           f"| rankwise | {ours:.1f} | {', '.join(f'{x:.0f}' for x in results['rankwise'])} |\n"
           f"| Trainer + PEFT | {theirs:.1f} | {', '.join(f'{x:.0f}' for x in results['trainer'])} |\n"
-          f"\nratio rankwise / Trainer = {ours / theirs:.3f}")
+          f"\nratio rankwise / Trainer = {ours / theirs:.3f} ({_device_name(device)})")
+    if utilisation.get("mfu"):
+        print(f"model FLOPs utilisation (median): rankwise {utilisation['mfu']['rankwise']:.1%}, Trainer "
+              f"{utilisation['mfu']['trainer']:.1%} of the {utilisation['peak']['name']} dense bf16 peak "
+              f"({utilisation['peak']['flops_per_s'] / 1e12:.0f} TFLOP/s)")
     if ns.out:
         write_json(ns.out, report)
     return 0
@@ -140,6 +183,25 @@ def main(argv: list[str]) -> int:
 def _machine() -> str:
     cores = torch.get_num_threads()
     return f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__}, {cores} threads".strip()
+
+
+def _device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def _utilisation(device: str, model_flops: float, seconds: dict[str, list[float]]) -> dict:
+    """On a CUDA device of known peak: model FLOPs utilisation per side (median over repeats), from the
+    FLOPs rankwise measured for the timed steps (the same model work for both sides: the Trainer's extra
+    logits at prompt positions are not model FLOPs here) over each side's timed seconds."""
+    from rankwise.runtime import mfu, peak_flops
+
+    peak = peak_flops(device)
+    if peak is None or not model_flops:
+        return {}
+    return {"peak": {"name": peak[1], "flops_per_s": peak[0], "kind": "dense bf16 tensor core, no sparsity"},
+            "model_flops_per_repeat": model_flops,
+            "mfu": {side: statistics.median(mfu(model_flops, s, device) for s in times)
+                    for side, times in seconds.items()}}
 
 
 register("throughput", main)
