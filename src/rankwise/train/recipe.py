@@ -312,6 +312,8 @@ def train_step(run: Run) -> dict:
     run.optimizer.zero_grad(set_to_none=True)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
+    if run.device.type == "cuda":  # the update's kernels are still queued: a step's time includes them
+        torch.cuda.synchronize(run.device)
     seconds = time.perf_counter() - start
     run.step += 1
     run.tokens_seen += int(n_tokens)
