@@ -345,3 +345,72 @@ def test_bench_tiny_trains_each_run_in_its_own_process_and_keeps_the_results(tmp
     with pytest.raises(SystemExit, match="other settings"):  # a seed-0 file is not reused for seed 3
         bench_loft(["--scale", "tiny", "--ranks", "1", "--steps", "2", "--methods", "lora", "--lora-sweep", "4e-3:2",
                     "--seed", "3", "--out", str(out), "--reuse"])
+
+
+# ---- batched steps ---------------------------------------------------------------------------------
+# (r, n, m, scale): repeated shapes share a batch, a different scale or rank does not
+PAIR_SHAPES = [(3, 7, 5, 2.0), (2, 6, 9, 1.0), (3, 7, 5, 2.0), (3, 7, 5, 0.5), (2, 6, 9, 1.0), (3, 7, 5, 2.0),
+               (4, 5, 5, 1.0)]
+
+
+def _pair_zoo(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    pairs = [(torch.nn.Parameter(torch.randn(r, n, generator=gen) / n ** 0.5),
+              torch.nn.Parameter(torch.randn(m, r, generator=gen) / r ** 0.5), s) for r, n, m, s in PAIR_SHAPES]
+    bias = torch.nn.Parameter(torch.randn(4, generator=gen))
+    return pairs, bias
+
+
+def _zoo_grads(pairs, bias, gen):
+    """Each pair's own loss (so each pair's gradients do not depend on the others), summed."""
+    loss = (bias - 1).square().sum()
+    for A, B, s in pairs:
+        X = torch.randn(8, A.shape[1], generator=gen, dtype=A.dtype)
+        Y = torch.randn(8, B.shape[0], generator=gen, dtype=A.dtype)
+        loss = loss + (torch.tanh(X @ (s * B @ A).T) - Y).square().mean()
+    for p in [bias, *(t for A, B, _ in pairs for t in (A, B))]:
+        p.grad = None
+    loss.backward()
+
+
+@pytest.mark.parametrize("simple", [False, True])
+@pytest.mark.parametrize("limit", [None, 80])  # 80 elements: batches of one or two pairs
+def test_batched_step_equals_one_optimizer_per_pair(simple, limit, monkeypatch):
+    import rankwise.optim.batched as batched_module
+
+    if limit is not None:
+        monkeypatch.setattr(batched_module, "MAX_BATCH_ELEMENTS", limit)
+    pairs, bias = _pair_zoo()
+    twins, twin_bias = copy.deepcopy((pairs, bias))
+    start = [B.detach().clone() for _, B, _ in pairs]
+    opts = dict(lr=1e-2, weight_decay=0.05, simple=simple)
+    together = LoFT(pairs, [bias], **opts)
+    alone = [LoFT([pair], [twin_bias] if i == 0 else [], **opts) for i, pair in enumerate(twins)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 10):
+        _zoo_grads(pairs, bias, gen)
+        for (A, B, _), (A2, B2, _) in zip(pairs, twins):
+            A2.grad, B2.grad = A.grad.clone(), B.grad.clone()
+        twin_bias.grad = bias.grad.clone()
+        if step == 4:  # pair 0's A moves outside the optimizer: only its B side (inactive now) transports
+            for A in (pairs[0][0], twins[0][0]):
+                A.data.add_(0.01)
+        if step == 6:  # pair 2 skips a step, so its step count (and parity) parts from its batch-mates'
+            for A, B, _ in (pairs[2], twins[2]):
+                A.grad = B.grad = None
+        together.step()
+        for opt in alone:
+            opt.step()
+    for (A, B, _), (A2, B2, _) in zip(pairs, twins):
+        torch.testing.assert_close(A, A2, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(B, B2, rtol=1e-6, atol=1e-7)
+        for p, p2 in ((A, A2), (B, B2)):
+            ours = together.state[p]
+            theirs = next(o.state[p2] for o in alone if p2 in o.state)
+            assert ours.keys() == theirs.keys() and ours["step"] == theirs["step"]
+            for key in ours:
+                if torch.is_tensor(ours[key]):
+                    torch.testing.assert_close(ours[key], theirs[key], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(bias, twin_bias, rtol=1e-6, atol=1e-7)
+    assert all(float((B.detach() - B0).norm()) > 1e-3 for (_, B, _), B0 in zip(pairs, start))  # they all moved
+    assert together.state[pairs[2][1]]["step"] == 8 and together.state[pairs[0][1]]["step"] == 9

@@ -218,3 +218,47 @@ def test_rest_frozen_leaves_only_low_rank_state():
     model(input_ids=x, labels=x).loss.backward()
     opt.step()
     assert optimizer_state_bytes(opt) == 4 * sum(2 * 2 * sum(p.shape) for p in opt.param_groups[0]["params"])
+
+
+# ---- batched steps ---------------------------------------------------------------------------------
+WEIGHT_SHAPES = [(9, 7), (6, 10), (9, 7), (9, 7), (6, 10), (8, 8)]  # repeated shapes share a batch
+
+
+@pytest.mark.parametrize("cls, kw", [(LoRAPreAdam, {"weight_decay": 0.1, "scale": 0.5}),
+                                     (LoRAPreMuon, {"weight_decay": 0.1}), (LoRAPreMuon, {"nesterov": False})])
+@pytest.mark.parametrize("limit", [None, 130])  # 130 elements: batches of one or two weights
+def test_batched_step_equals_one_optimizer_per_matrix(cls, kw, limit, monkeypatch):
+    import rankwise.optim.batched as batched_module
+
+    if limit is not None:
+        monkeypatch.setattr(batched_module, "MAX_BATCH_ELEMENTS", limit)
+    gen = torch.Generator().manual_seed(3)
+    weights = [torch.nn.Parameter(torch.randn(*shape, generator=gen)) for shape in WEIGHT_SHAPES]
+    bias = torch.nn.Parameter(torch.randn(5, generator=gen))
+    twins, twin_bias = copy.deepcopy((weights, bias))
+    start = [w.detach().clone() for w in weights]
+    together = cls([{"params": weights, "rank": 2}, {"params": [bias], "rank": 0}], lr=1e-2, **kw)
+    alone = [cls([{"params": [w], "rank": 2}], lr=1e-2, **kw) for w in twins]
+    alone_bias = cls([{"params": [twin_bias], "rank": 0}], lr=1e-2, **kw)
+    for step in range(1, 8):
+        for w, twin in zip([*weights, bias], [*twins, twin_bias]):
+            w.grad = torch.randn(w.shape, generator=gen)
+            twin.grad = w.grad.clone()
+        if step == 3:  # weight 2 skips a step: its step count parts from its batch-mates'
+            weights[2].grad = twins[2].grad = None
+        torch.manual_seed(0)  # the first step draws the A factors, weight by weight in both
+        together.step()
+        torch.manual_seed(0)
+        for opt in [*alone, alone_bias]:
+            opt.step()
+    for w, twin, w0 in zip(weights, twins, start):
+        assert float((w.detach() - w0).norm()) > 1e-3  # it moved
+        torch.testing.assert_close(w, twin, rtol=1e-6, atol=1e-6)
+        for key, value in together.state[w].items():
+            other = next(o.state[twin] for o in alone if twin in o.state)[key]
+            if torch.is_tensor(value):
+                torch.testing.assert_close(value, other, rtol=1e-6, atol=1e-6)
+            else:
+                assert value == other
+    torch.testing.assert_close(bias, twin_bias, rtol=1e-6, atol=1e-6)
+    assert together.state[weights[2]]["step"] == 6 and together.state[weights[0]]["step"] == 7

@@ -15,7 +15,7 @@ L = s·B and R = A; for A, L = Aᵀ and R = (s·B)ᵀ. State of A is therefore k
 """
 from __future__ import annotations
 
-import math
+import functools
 import sys
 from dataclasses import dataclass
 
@@ -23,29 +23,62 @@ import torch
 
 from rankwise.config import Config, ConfigError
 from rankwise.optim import closure_loss, register
-from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, ridge_inverse
+from rankwise.optim.batched import StackedState, adamw_, batches
+from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, regularised_inverse
 
 __all__ = ["LoFT"]
 
 
 @dataclass
 class _Side:
-    """One factor seen as the left factor L of W = W0 + L·R (or of Wᵀ), in the s = 1 frame."""
+    """One factor of a batch of G same-shape pairs, seen as the left factor L of W = W0 + L·R (or of Wᵀ),
+    in the s = 1 frame; every tensor carries the batch as its leading dimension."""
 
-    param: torch.nn.Parameter
-    L: torch.Tensor  # p×r; a view of the parameter for A, s·B for B
-    R: torch.Tensor  # r×q, the partner before this step's update
-    g: torch.Tensor  # ∂loss/∂L
+    params: list  # the G parameters this side moves (all B's, or all A's)
+    R: torch.Tensor  # G×r×q, the partners before this step's update
+    g: torch.Tensor  # G×p×r, ∂loss/∂L
     unit: float  # parameter change per unit change of L (1/s for B, 1 for A)
     transposed: bool  # the parameter is Lᵀ (A)
+    gram: torch.Tensor | None = None  # R Rᵀ
+    inverse: torch.Tensor | None = None  # (R Rᵀ + δI)⁻¹
+    g_tilde: torch.Tensor | None = None  # g (R Rᵀ + δI)⁻¹, block 2
 
 
-def _sides(A: torch.nn.Parameter, B: torch.nn.Parameter, scale: float) -> tuple[_Side, _Side]:
-    """(B side, A side). g_B = s·G·Aᵀ is s times ∂/∂(sB); g_A = s·Bᵀ·G = (sB)ᵀ·G already."""
-    sB = B.detach() * scale
-    side_B = _Side(B, sB, A.detach(), B.grad / scale, 1.0 / scale, False)
-    side_A = _Side(A, A.detach().T, sB.T, A.grad.T, 1.0, True)
+def _sides(pairs: list, scale: float) -> tuple[_Side, _Side]:
+    """(B side, A side) of a batch of pairs. g_B = s·G·Aᵀ is s times ∂/∂(sB); g_A = s·Bᵀ·G = (sB)ᵀ·G already."""
+    As, Bs = [A for A, _, _ in pairs], [B for _, B, _ in pairs]
+    A = torch.stack(As)  # copies: the partners as they were before this step moves either factor
+    sB = torch.stack(Bs).mul_(scale)
+    side_B = _Side(Bs, A, torch.stack([B.grad for B in Bs]).div_(scale), 1.0 / scale, False)
+    side_A = _Side(As, sB.mT, torch.stack([A.grad for A in As]).mT, 1.0, True)
     return side_B, side_A
+
+
+def _scale_gradients(sides: list[_Side], ridge: float) -> None:
+    """Block 2 for every side: gram, (gram + δI)⁻¹ and g̃ = g·(gram + δI)⁻¹ (so g̃·R = G·P_R).
+
+    Every Gram matrix is r×r, whatever the pair's shape: all sides that share r, dtype and device are
+    regularised and inverted together, in float64 (as ridge_inverse does for one)."""
+    together: dict[tuple, list[tuple[_Side, torch.Tensor]]] = {}
+    for side in sides:
+        R64 = side.R.double()
+        together.setdefault((side.R.shape[-2], side.R.dtype, side.R.device), []).append((side, R64 @ R64.mT))
+    for (_, dtype, _), members in together.items():
+        gram, inverse = regularised_inverse(torch.cat([gram for _, gram in members]), ridge)
+        sizes = [len(side.params) for side, _ in members]
+        for (side, _), g, inv in zip(members, gram.to(dtype).split(sizes), inverse.to(dtype).split(sizes)):
+            side.gram, side.inverse = g, inv
+            side.g_tilde = side.g @ inv
+
+
+@functools.lru_cache(maxsize=None)
+def _packed(r: int, device: torch.device):
+    return packed_index(r, device)
+
+
+@functools.lru_cache(maxsize=None)
+def _eye(r: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.eye(r, dtype=dtype, device=device)
 
 
 class LoFT(torch.optim.Optimizer):
@@ -81,6 +114,8 @@ class LoFT(torch.optim.Optimizer):
                         simple=simple, max_grad_norm=max_grad_norm)
         super().__init__(groups, defaults)
         self._pairs = pairs
+        self._stacked = StackedState()  # the state of same-shape pairs, stacked
+        self._grad_norm = None  # block 6's norm at the last step, a tensor on the device
 
     @classmethod
     def from_peft_model(cls, model: torch.nn.Module, **options) -> "LoFT":
@@ -109,95 +144,119 @@ class LoFT(torch.optim.Optimizer):
         return cls(pairs, others, **options)
 
     # ---- one step ------------------------------------------------------------------------------
+    # Pairs are stepped in batches of the same shapes, dtype, device, scale and step count, each
+    # batch's tensors stacked along a leading dimension: a step costs a fixed number of ops per batch,
+    # not per pair, and nothing waits on the device (no host syncs) until `last_grad_norm` is read.
+
+    @property
+    def last_grad_norm(self) -> float:
+        """The norm block 6 measured (projected LoRA gradients and the other tensors' gradients) at the last step."""
+        return 0.0 if self._grad_norm is None else float(self._grad_norm)
+
+    def _batches(self) -> list[list]:
+        live = [pair for pair in self._pairs if pair[0].grad is not None and pair[1].grad is not None]
+        return batches(
+            live,
+            key=lambda pair: (tuple(pair[0].shape), tuple(pair[1].shape), pair[0].dtype, pair[0].device,
+                              pair[2], self.state[pair[1]].get("step", 0)),
+            # the largest transients: p×q in block 5, only the factors' size in the simple variant
+            size=lambda pair: (pair[1].numel() + pair[0].numel() if self.param_groups[0]["simple"]
+                               else pair[1].shape[0] * pair[0].shape[1]),
+            device=lambda pair: pair[0].device)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = closure_loss(closure)
         lora = self.param_groups[0]
-        work = []  # per pair: both sides with their scaled gradients, before anything moves
-        norms_sq = []  # squared norms, kept on the device: one host sync per step
-        for A, B, scale in self._pairs:
-            if A.grad is None or B.grad is None:
-                continue
-            step = self.state[B].get("step", 0) + 1
+        work = []  # per batch: both sides with their scaled gradients, before anything moves
+        for pairs in self._batches():
+            step = self.state[pairs[0][1]].get("step", 0) + 1
             active = 0 if step % 2 == 1 else 1  # block 1: B on odd steps, A on even ones
-            sides = _sides(A, B, scale)
-            scaled = []
-            for i, side in enumerate(sides):
-                gram, inverse = ridge_inverse(side.R, lora["ridge"])
-                g_tilde = side.g @ inverse  # block 2: g̃·R = G·P_R, the projected full gradient
-                scaled.append((g_tilde, inverse))
-                if i == active:  # block 6 counts the active factor's projected gradient ‖g̃·R‖
-                    norms_sq.append(((g_tilde @ gram) * g_tilde).sum().double())
-            work.append((sides, scaled, active, step))
+            work.append((_sides(pairs, pairs[0][2]), active, step))
+        _scale_gradients([side for sides, _, _ in work for side in sides], lora["ridge"])
+        # block 6 counts the active factor's projected gradient ‖g̃·R‖, and the other tensors' gradients
+        norms_sq = [((on.g_tilde @ on.gram) * on.g_tilde).sum((-2, -1)).double()
+                    for on in (sides[active] for sides, active, _ in work)]
         others = [p for g in self.param_groups[1:] for p in g["params"] if p.grad is not None]
-        norms_sq += [p.grad.double().pow(2).sum() for p in others]
-        self.last_grad_norm = math.sqrt(float(sum(n.to(norms_sq[0].device) for n in norms_sq))) if norms_sq else 0.0
-        coef = 1.0
-        if lora["max_grad_norm"] > 0:
-            coef = min(1.0, lora["max_grad_norm"] / (self.last_grad_norm + 1e-6))
+        if others:
+            norms = torch._foreach_norm([p.grad for p in others], 2, dtype=torch.float64)
+            norms_sq.append(torch.stack([n.to(norms[0].device) for n in norms]).square())
+        coef = self._grad_norm = None  # coef: the clipping factor, a tensor; None: no clipping
+        if norms_sq:
+            device = norms_sq[0].device
+            self._grad_norm = torch.cat([n.to(device) for n in norms_sq]).sum().sqrt()
+            if lora["max_grad_norm"] > 0:
+                coef = (lora["max_grad_norm"] / (self._grad_norm + 1e-6)).clamp_(max=1.0)
 
-        for sides, scaled, active, step in work:
-            for i, (side, (g_tilde, inverse)) in enumerate(zip(sides, scaled)):
-                self._side_step(lora, side, g_tilde * coef, inverse, step, i == active)
+        for sides, active, step in work:
+            for i, side in enumerate(sides):
+                self._side_step(lora, side, step, i == active, None if coef is None else coef.to(side.g.device))
         for group in self.param_groups[1:]:
-            self._adamw(group, coef)
+            params = [p for p in group["params"] if p.grad is not None]
+            grads = [p.grad for p in params]
+            if coef is not None and grads:
+                grads = torch._foreach_mul(grads, coef.to(grads[0].device))
+            adamw_(params, grads, [self.state[p] for p in params], group["lr"], group["betas"], group["eps"],
+                   group["weight_decay"])
+        self._stacked.forget_unused()
         return loss
 
-    def _side_step(self, group, side: _Side, g_tilde, inverse, step: int, active: bool) -> None:
-        state = self.state[side.param]
+    def _side_step(self, group, side: _Side, step: int, active: bool, coef) -> None:
         beta1, beta2 = group["betas"]
         simple = group["simple"]
-        p, r = side.L.shape
-        k, l, weight = packed_index(r, side.L.device)
-        if not state:
-            state["exp_avg"] = side.L.new_zeros(p, r)
-            state["exp_avg_sq" if simple else "row_sq"] = side.L.new_zeros(p, r if simple else k.numel())
-            state["partner_prev"] = side.R.clone(memory_format=torch.contiguous_format)
-        elif not torch.equal(state["partner_prev"], side.R):
-            # blocks 3-4: re-express the moments in the partner's new basis, C = (R_old Rᵀ)(R Rᵀ + δI)⁻¹
-            C = (state["partner_prev"] @ side.R.T) @ inverse
-            state["exp_avg"] = state["exp_avg"] @ C
+        G, p, r = side.g.shape
+        k, l, weight = _packed(r, side.g.device)
+        names = ("exp_avg", "exp_avg_sq" if simple else "row_sq", "partner_prev")
+        states = [self.state[param] for param in side.params]
+        needed, fresh = set(names), 0
+        for i, state in enumerate(states):
+            if not state.keys() >= needed:  # first step only: per-matrix state, then stacked
+                fresh += 1
+                state["exp_avg"] = side.g.new_zeros(p, r)
+                state[names[1]] = side.g.new_zeros(p, r if simple else k.numel())
+                state["partner_prev"] = side.R[i].clone(memory_format=torch.contiguous_format)
+            state["step"] = step
+        stacked = self._stacked.link(side.params, states, names)
+        m, second, prev = (stacked[name] for name in names)
+        # blocks 3-4: re-express the moments in the partner's new basis, C = (R_old Rᵀ)(R Rᵀ + δI)⁻¹,
+        # for the pairs whose partner changed since the moments were accumulated; the others get C = I
+        # exactly. The mask stays on the device; only a CPU, where reading it costs no wait, skips
+        # the work for a batch with no change (the inactive factor's, unless something else moved it).
+        changed = None if fresh == G else (prev != side.R).flatten(1).any(1)  # new: prev is R itself
+        if changed is not None and side.R.device.type == "cpu" and not changed.any():
+            changed = None
+        if changed is not None:
+            C = torch.where(changed[:, None, None], (prev @ side.R.mT) @ side.inverse, _eye(r, m.dtype, m.device))
+            m = self._stacked.replace(side.params, states, names, "exp_avg", m @ C)
             if not simple:
-                state["row_sq"] = state["row_sq"] @ congruence(C, k, l)  # P ← Cᵀ P C, packed
-            state["partner_prev"].copy_(side.R)
-        state["step"] = step
-        m = state["exp_avg"].mul_(beta1).add_(g_tilde, alpha=1 - beta1)
+                K = congruence(C.transpose(0, 1), k, l).transpose(0, 1)  # P ← Cᵀ P C, packed
+                second = self._stacked.replace(side.params, states, names, names[1], second @ K)
+            self._stacked.replace(side.params, states, names, "partner_prev",
+                                  side.R.contiguous())  # a fresh stack: nothing else writes to it
+        g_tilde = side.g_tilde if coef is None else side.g_tilde * coef
+        m.mul_(beta1).add_(g_tilde, alpha=1 - beta1)
         if simple:
-            v = state["exp_avg_sq"].mul_(beta2).addcmul_(g_tilde, g_tilde, value=1 - beta2)
+            second.mul_(beta2).addcmul_(g_tilde, g_tilde, value=1 - beta2)
         else:
-            P = state["row_sq"].mul_(beta2).add_(packed_outer(g_tilde, k, l), alpha=1 - beta2)
+            second.mul_(beta2).add_(packed_outer(g_tilde, k, l), alpha=1 - beta2)
         if not active:
             return
         lr, eps = group["lr"], group["eps"]
         bc1, bc2 = 1 - beta1 ** step, 1 - beta2 ** step
         if simple:
-            direction = m / (v / bc2).sqrt_().add_(eps)
+            direction = m / (second / bc2).sqrt_().add_(eps)
         else:
             # block 5: Adam direction in W's space, D = (m·R) ⊘ (sqrt(V̂/bc2) + ε), projected back
             D = m @ side.R
-            V = (P @ quad_basis(side.R, k, l, weight)).clamp_(min=0)
+            V = (second @ quad_basis(side.R, k, l, weight)).clamp_(min=0)
             D.div_(V.div_(bc2).sqrt_().add_(eps))
-            direction = (D @ side.R.T) @ inverse
+            direction = (D @ side.R.mT) @ side.inverse
             del D, V
-        target = side.param.T if side.transposed else side.param
-        target.mul_(1 - lr * group["weight_decay"]).add_(direction, alpha=-lr / bc1 * side.unit)
-
-    def _adamw(self, group, coef: float) -> None:
-        beta1, beta2 = group["betas"]
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if not state:
-                state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
-            state["step"] += 1
-            g = p.grad * coef
-            state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-            state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            bc1, bc2 = 1 - beta1 ** state["step"], 1 - beta2 ** state["step"]
-            denom = (state["exp_avg_sq"] / bc2).sqrt_().add_(group["eps"])
-            p.mul_(1 - group["lr"] * group["weight_decay"]).addcdiv_(state["exp_avg"], denom,
-                                                                     value=-group["lr"] / bc1)
+        if side.transposed:
+            direction = direction.mT
+        if group["weight_decay"]:
+            torch._foreach_mul_(side.params, 1 - lr * group["weight_decay"])
+        torch._foreach_add_(side.params, list(direction.unbind(0)), alpha=-lr / bc1 * side.unit)
 
 
 # ---- the recipe's registry entry -----------------------------------------------------------------

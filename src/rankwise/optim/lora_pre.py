@@ -21,55 +21,51 @@ from torch import nn
 
 from rankwise.config import Config, ConfigError
 from rankwise.optim import closure_loss, register
+from rankwise.optim.batched import StackedState, adamw_, batches
 
 __all__ = ["LoRAPreAdam", "lora_pre_groups", "advance_factors", "optimizer_state_bytes"]
 
 
 def advance_factors(B: torch.Tensor, A: torch.Tensor, target: torch.Tensor, gamma: float, delta: float) -> None:
     """One damped Newton step of B (p x r), then of A (r x q) with the new B, toward B @ A ~= target, in
-    place; then A's rows are re-orthonormalised with the product B @ A unchanged."""
+    place; then A's rows are re-orthonormalised with the product B @ A unchanged. Leading batch dimensions
+    (G x p x r, G x r x q, G x p x q) step G independent factor pairs at once."""
     newton_step_B(B, A, target, gamma, delta)
     newton_step_A(B, A, target, gamma, delta)
     # B A = (B R^T)(Q^T) for A^T = Q R: the same product, but neither factor drifts ill-conditioned over
     # many steps (both Newton steps are invariant to this change of basis, up to delta)
-    Q, R = torch.linalg.qr(A.T)
-    B.copy_(B @ R.T)
-    A.copy_(Q.T)
+    Q, R = torch.linalg.qr(A.mT)
+    B.copy_(B @ R.mT)
+    A.copy_(Q.mT)
 
 
 def newton_step_B(B, A, target, gamma: float, delta: float) -> None:
     """B <- (1-gamma) B + gamma target A^T (A A^T + delta I)^-1  (A A^T is symmetric: solve, transpose)."""
-    eye = torch.eye(A.shape[0], device=A.device, dtype=A.dtype)
-    B.mul_(1 - gamma).add_(torch.linalg.solve(A @ A.T + delta * eye, A @ target.T).T, alpha=gamma)
+    eye = torch.eye(A.shape[-2], device=A.device, dtype=A.dtype)
+    B.mul_(1 - gamma).add_(_solve(A @ A.mT + delta * eye, A @ target.mT).mT, alpha=gamma)
 
 
 def newton_step_A(B, A, target, gamma: float, delta: float) -> None:
     """A <- (1-gamma) A + gamma (B^T B + delta I)^-1 B^T target."""
-    eye = torch.eye(B.shape[1], device=B.device, dtype=B.dtype)
-    A.mul_(1 - gamma).add_(torch.linalg.solve(B.T @ B + delta * eye, B.T @ target), alpha=gamma)
+    eye = torch.eye(B.shape[-1], device=B.device, dtype=B.dtype)
+    A.mul_(1 - gamma).add_(_solve(B.mT @ B + delta * eye, B.mT @ target), alpha=gamma)
 
 
-def _adamw_step(p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
-    """Plain AdamW with fp32 moments, for parameters that keep full-size state."""
-    beta1, beta2 = group["betas"]
-    if "exp_avg" not in state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(g)
-        state["exp_avg_sq"] = torch.zeros_like(g)
-    state["step"] += 1
-    t = state["step"]
-    state["exp_avg"].mul_(beta1).add_(g, alpha=1 - beta1)
-    state["exp_avg_sq"].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    m_hat = state["exp_avg"] / (1 - beta1 ** t)
-    v_hat = state["exp_avg_sq"] / (1 - beta2 ** t)
-    _apply(p, m_hat / (v_hat.sqrt_() + group["eps"]), group, scale=1.0)
+def _solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """M^-1 rhs without linalg.solve's error check, which waits on an accelerator (M = Gram + delta I,
+    delta > 0, is positive definite)."""
+    return torch.linalg.solve_ex(M, rhs).result
 
 
-def _apply(p: torch.Tensor, update: torch.Tensor, group: dict, scale: float) -> None:
-    """theta <- theta - lr (scale * update + wd * theta): decoupled weight decay, as in AdamW."""
+def _apply(params: list[torch.Tensor], update: torch.Tensor, group: dict, scale: float) -> None:
+    """theta <- theta - lr (scale * update + wd * theta) for a batch: update is G x p x q, one row per
+    parameter (decoupled weight decay, as in AdamW)."""
     if group["weight_decay"]:
-        p.mul_(1 - group["lr"] * group["weight_decay"])
-    p.add_(update.to(p.dtype), alpha=-group["lr"] * scale)
+        torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+    updates = update.unbind(0)
+    if update.dtype != params[0].dtype:  # fp32 update of low-precision weights, rounded once
+        updates = update.to(params[0].dtype).unbind(0)
+    torch._foreach_add_(params, list(updates), alpha=-group["lr"] * scale)
 
 
 def _low_rank(p: torch.Tensor, group: dict) -> bool:
@@ -78,6 +74,10 @@ def _low_rank(p: torch.Tensor, group: dict) -> bool:
 
 class _LowRankOptimizer(torch.optim.Optimizer):
     """Shared parts: factor init, the low-rank/dense split per parameter, exact state_dict round trip."""
+
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        self._stacked = StackedState()  # the factors of same-shape weights, stacked
 
     @classmethod
     def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw", **kwargs):
@@ -104,20 +104,39 @@ class _LowRankOptimizer(torch.optim.Optimizer):
                 state[name] = torch.randn(r, cols, device=p.device, dtype=torch.float32) * group["init_std"]
         return state
 
+    # the factor names of this optimizer's state, in the order they are initialised
+    factor_names: tuple[str, ...] = ()
+
     @torch.no_grad()
     def step(self, closure=None):
+        """Low-rank weights are stepped in batches of the same shape, dtype, device and step count (each
+        batch's factors stacked, see rankwise.optim.batched); the rest with multi-tensor AdamW."""
         loss = closure_loss(closure)
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if _low_rank(p, group):
-                    self._step_low_rank(p, p.grad.float(), self.state[p], group)
-                else:
-                    _adamw_step(p, p.grad.float(), self.state[p], group)
+            live = [p for p in group["params"] if p.grad is not None]
+            low = [p for p in live if _low_rank(p, group)]
+            for p in low:  # first step: factors made in parameter order (so the random draws are too)
+                if not self.state[p]:
+                    self.state[p].update(self._init_factors(p, group, self.factor_names))
+            for params in batches(low, key=lambda p: (tuple(p.shape), p.dtype, p.device, self.state[p]["step"]),
+                                  size=lambda p: p.numel(), device=lambda p: p.device):
+                states = [self.state[p] for p in params]
+                step = states[0]["step"] + 1
+                for state in states:
+                    state["step"] = step
+                factors = self._stacked.link(params, states, self.factor_names)
+                grads = torch.stack([p.grad for p in params]).float()
+                self._step_low_rank(params, grads, factors, group, step)
+            dense = [p for p in live if not _low_rank(p, group)]
+            adamw_(dense, [p.grad.float() for p in dense], [self.state[p] for p in dense], group["lr"],
+                   group["betas"], group["eps"], group["weight_decay"])
+        self._stacked.forget_unused()
         return loss
 
-    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    def _step_low_rank(self, params: list[torch.Tensor], g: torch.Tensor, factors: dict, group: dict,
+                       t: int) -> None:
+        """Step a batch of same-shape weights: g is their G x p x q fp32 gradients, factors their stacked
+        state (G x p x r, G x r x q; in-place changes are the state's), t the step number."""
         raise NotImplementedError
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -147,22 +166,21 @@ class LoRAPreAdam(_LowRankOptimizer):
                         scale=scale, init_std=init_std)
         super().__init__(params, defaults)
 
-    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    factor_names = ("m_B", "m_A", "v_B", "v_A")
+
+    def _step_low_rank(self, params, g, factors, group, t) -> None:
         beta1, beta2 = group["betas"]
         gamma1 = 1 - math.sqrt(beta1)  # (1-gamma1)^2 = beta1: the product m_B m_A decays at beta1
         gamma2 = 1 - beta2 ** 0.25  # the |g| product decays at sqrt(beta2), its square at beta2
-        if not state:
-            state.update(self._init_factors(p, group, ("m_B", "m_A", "v_B", "v_A")))
-        state["step"] += 1
-        t = state["step"]
-        # the current gradient enters at full rank; only the history is low rank (transient p x q)
-        m = (state["m_B"] @ state["m_A"]).mul_(beta1).add_(g, alpha=1 - beta1)
-        v = (state["v_B"] @ state["v_A"]).square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        advance_factors(state["m_B"], state["m_A"], g, gamma1, group["delta"])
-        advance_factors(state["v_B"], state["v_A"], g.abs(), gamma2, group["delta"])
+        m_B, m_A, v_B, v_A = (factors[name] for name in self.factor_names)
+        # the current gradient enters at full rank; only the history is low rank (transient G x p x q)
+        m = (m_B @ m_A).mul_(beta1).add_(g, alpha=1 - beta1)
+        v = (v_B @ v_A).square_().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        advance_factors(m_B, m_A, g, gamma1, group["delta"])
+        advance_factors(v_B, v_A, g.abs_(), gamma2, group["delta"])  # g is this step's own copy
         m.div_(1 - beta1 ** t)
         v.div_(1 - beta2 ** t)
-        _apply(p, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
+        _apply(params, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
 
 
 def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adamw") -> list[dict]:

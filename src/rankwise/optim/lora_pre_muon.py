@@ -19,16 +19,18 @@ __all__ = ["LoRAPreMuon", "newton_schulz"]
 
 
 def newton_schulz(G: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonalise G (U S V^T -> ~U V^T) with Muon's quintic Newton-Schulz iteration."""
+    """Approximately orthogonalise G (U S V^T -> ~U V^T) with Muon's quintic Newton-Schulz iteration;
+    a G x p x q batch is orthogonalised matrix by matrix, in batched matmuls."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    X = G / (G.norm() + 1e-7)  # spectral norm <= Frobenius norm <= 1, inside the iteration's basin
-    tall = X.shape[0] > X.shape[1]
+    # spectral norm <= Frobenius norm <= 1, inside the iteration's basin
+    X = G / (torch.linalg.matrix_norm(G, keepdim=True) + 1e-7)
+    tall = X.shape[-2] > X.shape[-1]
     if tall:  # iterate on the smaller Gram matrix
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
-    return X.T if tall else X
+    return X.mT if tall else X
 
 
 class LoRAPreMuon(_LowRankOptimizer):
@@ -47,18 +49,18 @@ class LoRAPreMuon(_LowRankOptimizer):
                         init_std=init_std)
         super().__init__(params, defaults)
 
-    def _step_low_rank(self, p: torch.Tensor, g: torch.Tensor, state: dict, group: dict) -> None:
+    factor_names = ("m_B", "m_A")
+
+    def _step_low_rank(self, params, g, factors, group, t) -> None:
         mu = group["momentum"]
         gamma = 1 - math.sqrt(mu)  # (1-gamma)^2 = mu: the factor product decays at mu
-        if not state:
-            state.update(self._init_factors(p, group, ("m_B", "m_A")))
-        state["step"] += 1
-        m = (state["m_B"] @ state["m_A"]).mul_(mu).add_(g)
+        m_B, m_A = factors["m_B"], factors["m_A"]
+        m = (m_B @ m_A).mul_(mu).add_(g)
         # regress g / (1 - mu): the product then moves to mu * history + g, i.e. to m_t
-        advance_factors(state["m_B"], state["m_A"], g / (1 - mu), gamma, group["delta"])
-        direction = g.add(m, alpha=mu) if group["nesterov"] else m
-        rms_match = 0.2 * math.sqrt(max(p.shape))
-        _apply(p, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
+        advance_factors(m_B, m_A, g / (1 - mu), gamma, group["delta"])
+        direction = g.add_(m, alpha=mu) if group["nesterov"] else m  # g is this step's own copy
+        rms_match = 0.2 * math.sqrt(max(params[0].shape))
+        _apply(params, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
 
 
 MUON_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
