@@ -7,9 +7,11 @@ batch to the finished update (host-to-device copy included, the device synchroni
 - rankwise: the recipe's own `train_step` (count_flops=false), and the other variants asked for:
   flops (count_flops=true), loft, lorapre, lorapre-muon, full (their optimizer or method instead).
 
-Repeats alternate the order so machine noise hits every variant alike. The report gives each variant's
+Every variant is built first, then they take turns, one step each on the same batch (who goes first
+rotates every step), so machine noise hits every variant alike. The report gives each variant's
 median step (over repeats of the median after the warm-up steps) and mean step (every step after the
-first, so FLOP counting's first steps are charged), and the ratios the targets are stated in:
+first, so FLOP counting's first steps are charged), and the ratios the targets are stated in (paired
+per repeat, then the median):
 rankwise / minimal, flops / rankwise, loft / rankwise, lorapre / rankwise.
 
 `--ops` also dispatches one more step of each rankwise variant under a counting mode and reports what a
@@ -54,8 +56,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _minimal_times(cfg, batches) -> list[float]:
-    """Seconds per step of the plainest loop that trains the same adapter on the same batches."""
+def _minimal_stepper(cfg):
+    """A step function for the plainest loop that trains the same adapter on a CPU batch."""
     from rankwise.methods import get_method
     from rankwise.models import load_model
     from rankwise.train.loss import to_device
@@ -67,9 +69,8 @@ def _minimal_times(cfg, batches) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, foreach=True)
     decoder, head = model.get_decoder(), model.get_output_embeddings()
     autocast = runtime.autocast_for(cfg.precision, device)
-    times = []
-    for cpu_batch in batches:
-        start = time.perf_counter()
+
+    def step(cpu_batch):
         b = to_device(cpu_batch, device)
         with autocast():
             hidden = decoder(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
@@ -78,9 +79,8 @@ def _minimal_times(cfg, batches) -> list[float]:
         torch.nn.utils.clip_grad_norm_(params, cfg.clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+
+    return step, device, lambda: None
 
 
 HOST_READS = ("_local_scalar_dense", "nonzero", "is_nonzero", "equal")  # ops whose result goes to the host
@@ -114,28 +114,20 @@ def count_ops(step) -> dict:
     return {"ops_per_step": sum(ops.values()), "by_op": dict(ops.most_common(15)), "host_reads": dict(reads)}
 
 
-def _rankwise_times(cfg, batches, ops: dict | None = None) -> list[float]:
-    """Seconds per step of the recipe's train_step fed the same CPU batches; with `ops` (a dict), one more
-    step is dispatched under count_ops and its report stored there."""
+def _rankwise_stepper(cfg):
+    """A step function running the recipe's train_step on a given CPU batch."""
     from rankwise.train.loss import to_device
     from rankwise.train.recipe import build_run, train_step
 
     run = build_run(cfg, say=lambda *_: None)
-    feed = iter(batches)
-    run.micro_batch = lambda: to_device(next(feed), run.device)
-    times = []
-    try:
-        for _ in batches:
-            start = time.perf_counter()
-            train_step(run)
-            _synchronize(run.device)
-            times.append(time.perf_counter() - start)
-        if ops is not None:
-            feed = iter(batches[-1:])
-            ops.update(count_ops(lambda: train_step(run)))
-    finally:
-        run.log_file.close()
-    return times
+    pending = []
+    run.micro_batch = lambda: to_device(pending.pop(), run.device)
+
+    def step(cpu_batch):
+        pending.append(cpu_batch)
+        train_step(run)
+
+    return step, run.device, run.log_file.close
 
 
 def _batches(cfg, n: int) -> list[dict]:
@@ -151,13 +143,16 @@ def _batches(cfg, n: int) -> list[dict]:
 
 def summarize(times: dict[str, list[list[float]]]) -> dict:
     """Per variant: median step (median over repeats of each repeat's median after warm-up) and mean step
-    (over repeats of each repeat's mean after its first step); and the target ratios of both."""
-    out = {"median_s": {}, "mean_s": {}}
-    for name, repeats in times.items():
-        out["median_s"][name] = statistics.median(statistics.median(r[WARMUP_STEPS:]) for r in repeats)
-        out["mean_s"][name] = statistics.median(statistics.fmean(r[1:]) for r in repeats)
-    out["ratios"] = {label: {"median": out["median_s"][a] / out["median_s"][b], "mean": out["mean_s"][a] / out["mean_s"][b]}
-                     for label, (a, b) in RATIOS.items() if a in times and b in times}
+    (over repeats of each repeat's mean after its first step). Ratios are paired: a ratio per repeat
+    between variants that stepped in turn, then the median over repeats."""
+    medians = {name: [statistics.median(r[WARMUP_STEPS:]) for r in repeats] for name, repeats in times.items()}
+    means = {name: [statistics.fmean(r[1:]) for r in repeats] for name, repeats in times.items()}
+    out = {"median_s": {name: statistics.median(v) for name, v in medians.items()},
+           "mean_s": {name: statistics.median(v) for name, v in means.items()}, "ratios": {}}
+    for label, (a, b) in RATIOS.items():
+        if a in times and b in times:
+            out["ratios"][label] = {kind: statistics.median(x / y for x, y in zip(per[a], per[b]))
+                                    for kind, per in (("median", medians), ("mean", means))}
     return out
 
 
@@ -194,17 +189,29 @@ def main(argv: list[str]) -> int:
         cfg = load_config(None, base + list(ns.overrides) + [f"out={tmp / 'probe'}"])
         batches = _batches(cfg, steps)
         for r in range(ns.repeats):
-            for i in range(len(variants)):
-                name = variants[(i + r) % len(variants)]  # rotate the order every repeat
+            steppers = {}
+            for name in variants:  # every variant built first, then stepped in turn on the same batch
                 run_cfg = load_config(None, base + VARIANTS[name] + list(ns.overrides) + [f"out={tmp / f'{name}{r}'}"])
-                counted = {} if ns.ops and r == 0 and name != "minimal" else None
-                t = _minimal_times(run_cfg, batches) if name == "minimal" else _rankwise_times(run_cfg, batches, counted)
-                if counted:
-                    ops[name] = counted
-                times[name].append(t)
-                gc.collect()
-                print(f"repeat {r + 1}/{ns.repeats} {name:13s} median step {1e3 * statistics.median(t[WARMUP_STEPS:]):8.2f} ms",
-                      flush=True)
+                steppers[name] = (_minimal_stepper if name == "minimal" else _rankwise_stepper)(run_cfg)
+                times[name].append([])
+            for i, batch in enumerate(batches):
+                for k in range(len(variants)):
+                    name = variants[(i + k + r) % len(variants)]  # rotate who goes first, step by step
+                    step, device, _ = steppers[name]
+                    start = time.perf_counter()
+                    step(batch)
+                    _synchronize(device)
+                    times[name][-1].append(time.perf_counter() - start)
+            if ns.ops and r == 0:
+                for name in variants:
+                    if name != "minimal":
+                        ops[name] = count_ops(lambda: steppers[name][0](batches[-1]))
+            for name in variants:
+                steppers[name][2]()
+                print(f"repeat {r + 1}/{ns.repeats} {name:13s} median step "
+                      f"{1e3 * statistics.median(times[name][-1][WARMUP_STEPS:]):8.2f} ms", flush=True)
+            del steppers
+            gc.collect()
 
     summary = summarize(times)
     device = runtime.pick_device(ns.device)
