@@ -67,6 +67,18 @@ def reset_peak_rss() -> None:
         pass
 
 
+def training_batches(cfg, n: int) -> list[dict]:
+    """The first `n` collated (CPU) batches `rankwise train` would draw for `cfg`: same stream, same order."""
+    from rankwise.data import collate, encode_all, load_splits
+    from rankwise.models import load_tokenizer
+    from rankwise.train.stream import ExampleStream
+
+    tok = load_tokenizer(cfg.model)
+    items = encode_all(tok, load_splits(cfg.data).train, cfg.max_length)
+    stream = ExampleStream(len(items), cfg.seed)
+    return [collate([items[i] for i in stream.take(cfg.batch_size)], tok.pad_token_id) for _ in range(n)]
+
+
 def run_bench(name: str, argv: list[str]) -> int:
     if name not in BENCHES:
         raise ConfigError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHES)) or '-'}")

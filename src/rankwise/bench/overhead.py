@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from rankwise import runtime
-from rankwise.bench import register, write_json
+from rankwise.bench import register, training_batches, write_json
 from rankwise.config import load_config
 
 WARMUP_STEPS = 3  # excluded from the medians (allocator, thread pool, FLOP fitting's first counts)
@@ -130,17 +130,6 @@ def _rankwise_stepper(cfg):
     return step, run.device, run.log_file.close
 
 
-def _batches(cfg, n: int) -> list[dict]:
-    from rankwise.data import collate, encode_all, load_splits
-    from rankwise.models import load_tokenizer
-    from rankwise.train.stream import ExampleStream
-
-    tok = load_tokenizer(cfg.model)
-    items = encode_all(tok, load_splits(cfg.data).train, cfg.max_length)
-    stream = ExampleStream(len(items), cfg.seed)
-    return [collate([items[i] for i in stream.take(cfg.batch_size)], tok.pad_token_id) for _ in range(n)]
-
-
 def summarize(times: dict[str, list[list[float]]]) -> dict:
     """Per variant: median step (median over repeats of each repeat's median after warm-up) and mean step
     (over repeats of each repeat's mean after its first step). Ratios are paired: a ratio per repeat
@@ -187,7 +176,7 @@ def main(argv: list[str]) -> int:
 
             base.append(f"model={make_tiny_model_dir(tmp / 'tiny')}")
         cfg = load_config(None, base + list(ns.overrides) + [f"out={tmp / 'probe'}"])
-        batches = _batches(cfg, steps)
+        batches = training_batches(cfg, steps)
         for r in range(ns.repeats):
             steppers = {}
             for name in variants:  # every variant built first, then stepped in turn on the same batch

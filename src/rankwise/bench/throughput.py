@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from rankwise.bench import register, write_json
+from rankwise.bench import register, training_batches, write_json
 from rankwise.config import load_config
 
 WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
@@ -98,17 +98,6 @@ def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
     return times
 
 
-def _batches(cfg, n: int) -> list[dict]:
-    from rankwise.data import collate, encode_all, load_splits
-    from rankwise.models import load_tokenizer
-    from rankwise.train.stream import ExampleStream
-
-    tok = load_tokenizer(cfg.model)
-    items = encode_all(tok, load_splits(cfg.data).train, cfg.max_length)
-    stream = ExampleStream(len(items), cfg.seed)
-    return [collate([items[i] for i in stream.take(cfg.batch_size)], tok.pad_token_id) for _ in range(n)]
-
-
 def _tokens_per_second(batches, times) -> float:
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[WARMUP_STEPS:])
     return tokens / sum(times[WARMUP_STEPS:])
@@ -146,7 +135,7 @@ def main(argv: list[str]) -> int:
         results = {"rankwise": [], "trainer": []}
         for r in range(ns.repeats):
             cfg = load_config(None, base + list(ns.overrides) + [f"steps={steps}", f"out={tmp / f'run{r}'}"])
-            batches = _batches(cfg, steps)
+            batches = training_batches(cfg, steps)
             order = ("rankwise", "trainer") if r % 2 == 0 else ("trainer", "rankwise")
             for side in order:
                 if side == "rankwise":
