@@ -87,7 +87,7 @@ def _touch(path):
 
 
 def test_state_with_a_pickle_payload_is_refused_without_running_it(tiny_cfg, tmp_path):
-    from rankwise.train.recipe import CheckpointError, train
+    from rankwise.recipes.train import CheckpointError, train
 
     cfg = tiny_cfg(out=str(tmp_path / "run"), steps=2, eval_every=0)
     summary = train(cfg, say=lambda *_: None)
@@ -105,7 +105,7 @@ def test_state_with_a_pickle_payload_is_refused_without_running_it(tiny_cfg, tmp
 @pytest.mark.parametrize("method,optimizer", [("full", "galore"), ("full", "lorapre"), ("lora", "loft"),
                                               ("lora", "adamw")])
 def test_every_optimizers_state_loads_without_unpickling_code(tiny_cfg, tmp_path, method, optimizer):
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     common = dict(method=method, optimizer=optimizer, eval_every=0, save_every=2, out=str(tmp_path / "run"))
     if optimizer == "galore":

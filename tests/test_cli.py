@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from rankwise.cli import main
-from rankwise.train.recipe import train
+from rankwise.recipes.train import train
 
 
 def test_dry_run_prints_config(capsys, tiny_model_dir, tmp_path):

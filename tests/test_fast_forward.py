@@ -12,7 +12,7 @@ from rankwise.config import ConfigError, load_config
 from rankwise.fastforward import FastForward, FFOptions, line_search
 from rankwise.hooks import check_hooks
 from rankwise.train.metrics import read_metrics
-from rankwise.train.recipe import train
+from rankwise.recipes.train import train
 
 
 # ---- toys ---------------------------------------------------------------------------------------
@@ -367,7 +367,7 @@ def test_stage_that_does_not_pay_for_its_evaluations_backs_off():
 
 def test_bench_reuses_only_a_finished_run_of_the_same_config(tiny_cfg, monkeypatch):
     import rankwise.bench.fast_forward as bench
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     cfg = tiny_cfg(steps=2, eval_every=0)
     train(cfg, say=lambda *_: None)

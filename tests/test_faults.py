@@ -23,8 +23,8 @@ from safetensors.torch import load_file
 from rankwise import cli
 from rankwise.config import ConfigError, load_config
 from rankwise.train import checkpoint as ckpt
-from rankwise.train import recipe
-from rankwise.train.recipe import CheckpointError, TrainingDiverged, train
+from rankwise.recipes import train as recipe
+from rankwise.recipes.train import CheckpointError, TrainingDiverged, train
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

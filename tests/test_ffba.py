@@ -10,7 +10,7 @@ from rankwise.config import ConfigError
 from rankwise.ffba import FusedAttention, FusedMLP, Parallel, Settings, adapters, fuse, inject
 from rankwise.generate import load_for_inference
 from rankwise.methods import get_method
-from rankwise.train.recipe import train
+from rankwise.recipes.train import train
 from rankwise.validate import validate
 
 QUIET = {"say": lambda *_: None}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import rankwise.train.recipe as recipe
+import rankwise.recipes.train as recipe
 from rankwise.tiny import make_tiny_model_dir
 from rankwise.train.flops import FlopMeter, _Key
 from rankwise.train.metrics import read_metrics

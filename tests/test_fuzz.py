@@ -268,7 +268,7 @@ def quiet(*_args, **_kwargs):
 
 def train_or_one_line_error(cfg, label) -> dict | None:
     """Train; a run that fails must fail with one of our one-line errors (then None, tallied by `label`)."""
-    from rankwise.train.recipe import TrainingDiverged, train
+    from rankwise.recipes.train import TrainingDiverged, train
 
     try:
         summary = train(cfg, say=quiet)
@@ -415,7 +415,7 @@ def test_no_example_fits_max_length_is_a_clear_error(tiny_cfg, fuzz_paths, capsy
     DataError (or ConfigError)."""
     cfg = tiny_cfg(data=fuzz_paths["data"], max_length=4)
     with pytest.raises((ConfigError, DataError), match="max_length"):
-        from rankwise.train.recipe import train
+        from rankwise.recipes.train import train
 
         train(cfg, say=quiet)
 
@@ -433,7 +433,7 @@ def test_no_held_out_example_fits_is_a_clear_error(tiny_cfg, tmp_path):
     """When every test example is longer than max_length the recipe evaluates on nothing and reports
     eval_loss 0.0; build_run should refuse (as it does when no training example fits)."""
     from rankwise.data.sources import as_chat, split
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     for attempt in range(1000):  # rows whose held-out examples are all long, the training ones short
         rows = [{"prompt": f"q{i}-{attempt}" + (" long" * 200 if i % 2 else ""), "response": f"a{i}"}
@@ -470,7 +470,7 @@ def lora_cfg(model, data, out, *extra):
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, fuzz_paths):
     """A finished 2-step LoRA run to resume from."""
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     out = fuzz_paths["root"] / "lora-run"
     train(lora_cfg(tiny_model_dir, fuzz_paths["data"], out), say=quiet)
@@ -482,7 +482,7 @@ def test_resume_with_a_different_config_is_a_clear_error(tiny_model_dir, fuzz_pa
     """Resuming a checkpoint under a config that changes what is trained: method=full raised a plain ValueError
     from Full.load (a CLI traceback; so did a changed seed= or data=, from the example stream), and rank=8
     (or method=dora) silently resumed the saved rank-4 LoRA. Unchanged settings resume."""
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     cfg = lora_cfg(tiny_model_dir, fuzz_paths["data"], tmp_path / "resumed", f"resume={lora_run}", "steps=3",
                    *[change] if change else [])
@@ -525,7 +525,7 @@ def test_resume_from_a_damaged_checkpoint_is_a_clear_error(tiny_model_dir, fuzz_
     CheckpointError, which the CLI prints)."""
     import shutil
 
-    from rankwise.train.recipe import CheckpointError, train
+    from rankwise.recipes.train import CheckpointError, train
 
     out = tmp_path / "run"
     shutil.copytree(lora_run, out)

@@ -12,7 +12,7 @@ import rankwise.optim.loft as loft_module
 from rankwise.config import ConfigError
 from rankwise.optim import LoFT, get_optimizer
 from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, ridge_inverse, unpack
-from rankwise.train.recipe import train
+from rankwise.recipes.train import train
 
 F64 = torch.float64
 
@@ -238,7 +238,7 @@ def test_recipe_clip_becomes_loft_max_grad_norm(tiny_cfg):
 
 def test_fast_forward_runs_on_loft_moves(tiny_cfg):
     from rankwise.train.metrics import read_metrics
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     cfg = tiny_cfg(optimizer="loft", steps=12, lr=3e-3, schedule="constant", fast_forward=True,
                    **{"ff.interval": 3, "ff.burn_in": 3})

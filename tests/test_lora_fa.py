@@ -156,7 +156,7 @@ def test_same_trajectory_as_peft_lorafa_optimizer(monkeypatch, exact):
 def test_recipe_trains_B_only_and_the_adapter_loads_in_plain_peft(tiny_cfg, tiny_model_dir):
     from rankwise.models import load_model
     from rankwise.train import checkpoint as ckpt
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     cfg = tiny_cfg(method="lora-fa", steps=8, lr=1e-2, **{"method_args.delta": 1e-6})
     run = build_run(cfg, say=lambda *a: None)
@@ -188,7 +188,7 @@ def test_recipe_trains_B_only_and_the_adapter_loads_in_plain_peft(tiny_cfg, tiny
 
 
 def test_train_command_reduces_held_out_loss(tiny_cfg):
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     summary = train(tiny_cfg(method="lora-fa", steps=8, lr=1e-2), say=lambda *a: None)
     assert summary["eval_loss"] < summary["eval_loss_start"]
@@ -222,7 +222,7 @@ def test_bad_method_args_are_rejected(arg, message):
 
 def test_fast_forward_extrapolates_only_B(tiny_cfg):
     from rankwise.train.metrics import read_metrics
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     cfg = tiny_cfg(method="lora-fa", steps=12, lr=1e-2, schedule="constant", fast_forward=True,
                    **{"ff.interval": 3, "ff.burn_in": 3})

@@ -200,7 +200,7 @@ def test_recipe_refuses_adapter_methods(tiny_cfg, name):
 
 
 def test_tiny_recipe_run_with_lorapre_decreases_loss(tiny_cfg):
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     summary = train(tiny_cfg(method="full", optimizer="lorapre", lr=3e-3, steps=8, betas="[0.9,0.95]",
                              **{"optimizer_args.rank": 2}), say=lambda *_: None)

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from rankwise.config import ConfigError
-from rankwise.train.pretrain import main, parse_overrides, run, stdlib_files
+from rankwise.recipes.pretrain import main, parse_overrides, run, stdlib_files
 
 TINY = ("hidden=32 layers=1 heads=2 kv_heads=1 intermediate=64 vocab=320 corpus_mb=0.3 seq_len=32 batch_size=4 "
         "steps=20 warmup_steps=2 eval_every=10 eval_batches=2 lr=1e-2 progress=false threads=1").split()

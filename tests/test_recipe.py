@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from rankwise.data import collate, encode_all, load_splits
 from rankwise.train.loss import token_loss_sum
 from rankwise.train.metrics import read_metrics
-from rankwise.train.recipe import TrainingDiverged, train
+from rankwise.recipes.train import TrainingDiverged, train
 
 
 def _adapter_tensors(ckpt):
@@ -87,7 +87,7 @@ def test_resume_equals_uninterrupted(tiny_cfg, tmp_path, method):
 
 
 def test_nan_loss_stops_with_clear_error(tiny_cfg, monkeypatch):
-    import rankwise.train.recipe as recipe
+    import rankwise.recipes.train as recipe
 
     calls = {"n": 0}
     real = recipe.token_loss_sum
@@ -108,7 +108,7 @@ def test_nan_loss_stops_with_clear_error(tiny_cfg, monkeypatch):
 
 
 def test_grad_accumulation_equals_one_big_batch(tiny_cfg, tmp_path):
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     def one_step(**overrides):
         run = build_run(tiny_cfg(out=str(tmp_path / str(overrides)), steps=1, warmup_steps=0, **overrides),

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from rankwise.train.task_metric import lcs_length, mean_rouge_l, rouge_l
+from rankwise.recipes.task_metric import lcs_length, mean_rouge_l, rouge_l
 
 
 def test_lcs_counts_an_in_order_subsequence_not_a_substring():
@@ -42,7 +42,7 @@ def test_batched_generation_gives_each_prompt_its_unbatched_reply(tiny_model_dir
 
 
 def test_the_recipe_reports_and_logs_rouge_l_when_asked(tiny_cfg):
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     summary = train(tiny_cfg(steps=2, eval_every=0, eval_generate=3), say=lambda *a: None)
     assert 0.0 <= summary["rouge_l"] <= 1.0

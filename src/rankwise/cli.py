@@ -33,7 +33,7 @@ def cmd_train(ns) -> int:
 
     if cfg.nproc > 1 and not dist.under_torchrun():
         return dist.relaunch(["train", *ns.args], cfg.nproc)
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     summary = train(cfg)
     return 130 if summary.get("stopped") else 0
@@ -77,7 +77,7 @@ def cmd_bench(ns) -> int:
 
 
 def cmd_pretrain(ns) -> int:
-    from rankwise.train.pretrain import main as pretrain_main  # LoRA-Pre issue: pre-training recipe
+    from rankwise.recipes.pretrain import main as pretrain_main  # LoRA-Pre issue: pre-training recipe
 
     return pretrain_main(ns.args[1:] if ns.args[:1] == ["--"] else ns.args)
 
@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (OSError, ValueError, RuntimeError) as e:  # ours have one-line messages; anything else is a bug
         from rankwise.data import DataError
-        from rankwise.train.recipe import CheckpointError, TrainingDiverged
+        from rankwise.recipes.train import CheckpointError, TrainingDiverged
 
         ours = (DataError, TrainingDiverged, CheckpointError, FileNotFoundError, PermissionError)
         if isinstance(e, ours) or type(e) is OSError:

@@ -175,8 +175,9 @@ def _unknown(key: str) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Build a Config from an optional YAML file, then `key=value` overrides (later wins).
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] | dict = ()) -> Config:
+    """Build a Config from an optional YAML file, then overrides (later wins): `key=value` strings as
+    typed on the command line, or a mapping of keys to values already typed (`{"lr": 1e-3}`).
 
     Dotted keys set entries of mapping fields: `optimizer_args.simple=true`.
     """
@@ -196,11 +197,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path}: keys must be names, got {named[0]!r}")
         raw.update(loaded)
     hints = _field_types()
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        key = key.strip()
+    if isinstance(overrides, dict):
+        pairs = [(str(key), value) for key, value in overrides.items()]
+    else:
+        pairs = []
+        for item in overrides:
+            if "=" not in item:
+                raise ConfigError(f"expected key=value, got {item!r}")
+            key, text = item.split("=", 1)
+            pairs.append((key.strip(), _parse(key.strip(), text)))
+    for key, value in pairs:
         head, _, sub = key.partition(".")
         if sub:
             if head not in hints or typing.get_origin(hints[head]) is not dict and hints[head] is not dict:
@@ -209,9 +215,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             if not isinstance(raw[head], dict):
                 raise ConfigError(f"{head} must be a mapping, got {raw[head]!r} (before {key!r})")
             raw[head] = dict(raw[head])
-            raw[head][sub] = _parse(key, text)
+            raw[head][sub] = value
         else:
-            raw[key] = _parse(key, text)
+            raw[key] = value
     values = {}
     for key, value in raw.items():
         if key not in hints:

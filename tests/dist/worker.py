@@ -13,7 +13,7 @@ import torch
 from rankwise.config import load_config
 from rankwise.hooks import HOOKS, StepHook, register
 from rankwise.train import dist
-from rankwise.train.recipe import _loop, build_run
+from rankwise.recipes.train import _loop, build_run
 
 
 class StopAt(StepHook):

@@ -57,7 +57,7 @@ SCALES = {
 def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
     from rankwise.config import load_config
     from rankwise.train.metrics import read_metrics
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     pairs = dict(overrides, out=str(out), overwrite=True, sample=False)
     if ff is not None:

@@ -179,7 +179,7 @@ def quality(model_name: str, lora_rank: int, ffba_ranks: dict[str, int], steps: 
     many held-out prompts greedily and reports their mean ROUGE-L F1 against the references (the task metric).
     Every run trains on `device` (the recipe's device setting)."""
     from rankwise.config import load_config
-    from rankwise.train.recipe import train
+    from rankwise.recipes.train import train
 
     runs = [(m, lora_rank, {"scale": scale}) for m in ("lora", "dora") if m in methods for scale in lora_scales]
     if "ffba" in methods:

@@ -33,7 +33,7 @@ def _one(overrides: list[str], want_start: bool, desc: str, conn) -> None:
     from tqdm.auto import tqdm
 
     from rankwise.config import load_config
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     try:
         cfg = load_config(None, overrides)
@@ -261,7 +261,7 @@ def main(argv: list[str]) -> int:
         ap.error(str(e))
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
-    import rankwise.train.recipe  # noqa: F401  imported once here; the forked runs inherit it
+    import rankwise.recipes.train  # noqa: F401  imported once here; the forked runs inherit it
     device = _in_child(_probe_device, args.device)
     if isinstance(device, dict):
         ap.error(device["error"])

@@ -25,7 +25,7 @@ import torch
 
 from rankwise.bench import optimizers_finetune as finetune
 from rankwise.bench import positive_numbers, register, write_json
-from rankwise.train.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
+from rankwise.recipes.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
 OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
 LOW_RANK = ("galore", "lorapre", "lorapre-muon")  # the optimizers with an update scale on their matrices

@@ -42,7 +42,7 @@ def _finetune(overrides: list[str]) -> dict:
     import torch
 
     from rankwise.config import load_config
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     cfg = load_config(None, overrides)
     run_ = build_run(cfg, say=lambda *_: None)

@@ -117,7 +117,7 @@ def count_ops(step) -> dict:
 def _rankwise_stepper(cfg):
     """A step function running the recipe's train_step on a given CPU batch."""
     from rankwise.train.loss import to_device
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     run = build_run(cfg, say=lambda *_: None)
     pending = []

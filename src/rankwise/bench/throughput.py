@@ -31,7 +31,7 @@ WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-poo
 def _rankwise_run(cfg, batches) -> tuple[list[float], list[float]]:
     """Seconds and FLOPs per step for rankwise's own loop on `batches` (uses the recipe's train_step)."""
     from rankwise.train.loss import to_device
-    from rankwise.train.recipe import build_run, train_step
+    from rankwise.recipes.train import build_run, train_step
 
     run = build_run(cfg, say=lambda *_: None)
     feed = iter(batches)

@@ -11,7 +11,7 @@ from rankwise.config import Config, ConfigError
 
 
 class RunContext(Protocol):
-    """What the loop exposes to hooks (see rankwise.train.recipe.Run)."""
+    """What the loop exposes to hooks (see rankwise.recipes.train.Run)."""
 
     cfg: Config
     model: object

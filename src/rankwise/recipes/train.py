@@ -36,7 +36,7 @@ from rankwise.train.loss import mean_loss, to_device, token_loss_sum
 from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
 from rankwise.train.schedule import build_scheduler
 from rankwise.train.stream import ExampleStream
-from rankwise.train.task_metric import mean_rouge_l
+from rankwise.recipes.task_metric import mean_rouge_l
 from rankwise.validate import validate
 
 
