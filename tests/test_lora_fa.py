@@ -217,7 +217,7 @@ def test_svd_init_uses_top_right_singular_vectors():
 def test_bad_method_args_are_rejected(arg, message):
     cfg = load_config(None, ["method=lora-fa", arg])
     with pytest.raises(ConfigError, match=message):
-        get_method("lora-fa").check(cfg)
+        get_method("lora-fa").spec(cfg)
 
 
 def test_fast_forward_extrapolates_only_B(tiny_cfg):

@@ -24,7 +24,7 @@ def cmd_train(ns) -> int:
 
     path, overrides = _split_config(ns.args)
     cfg = load_config(path, overrides)
-    validate(cfg)
+    plan = validate(cfg)
     if ns.dry_run:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False), end="")
         print("config ok")
@@ -35,7 +35,7 @@ def cmd_train(ns) -> int:
         return dist.relaunch(["train", *ns.args], cfg.nproc)
     from rankwise.recipes.train import train
 
-    summary = train(cfg)
+    summary = train(plan)
     return 130 if summary.get("stopped") else 0
 
 
@@ -67,6 +67,15 @@ def cmd_methods(ns) -> int:
     print("methods:   ", ", ".join(sorted(METHODS)))
     print("optimizers:", ", ".join(sorted(OPTIMIZERS)))
     print("hooks:     ", ", ".join(sorted(HOOKS)) or "-")
+    return 0
+
+
+def cmd_compare(ns) -> int:
+    from rankwise.compare import compare, format_table
+
+    rows = compare(ns.runs, ns.out, [ns.x] if ns.x else None)
+    print(format_table(rows))
+    print(f"plot written to {ns.out}")
     return 0
 
 
@@ -103,6 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", help="directory for the merged model")
     p.add_argument("--model", help="base model (default: the adapter's base)")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("compare", help="several runs' losses in one plot, and a table of what each cost")
+    p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="run directories (each holds metrics.jsonl)")
+    p.add_argument("--out", default="compare.png", help="the PNG to write (default: compare.png)")
+    p.add_argument("--x", metavar="steps|flops|seconds", help="one x axis only (default: all three)")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("methods", help="list the registered methods, optimizers and hooks")
     p.set_defaults(func=cmd_methods)

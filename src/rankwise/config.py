@@ -64,11 +64,12 @@ class Config:
     count_flops: bool = True  # FLOPs per step: counted (torch.utils.flop_counter) for the first steps, then predicted
     compile: bool = False  # torch.compile the decoder for the loss (training and evaluation; not generation)
     sample: bool = True  # print a before/after generation for one held-out function
+    report_to: list[str] = field(default_factory=list)  # also write every metrics record to: tensorboard (<out>/tensorboard/)
     out: str = "runs/default"
     resume: str | None = None  # a checkpoint directory, a run directory, or "latest" (in `out`)
     overwrite: bool = False  # start over in an `out` that already holds a run (its files are replaced)
-    hooks: list[str] = field(default_factory=list)  # step hooks by name, see rankwise.hooks
-    fast_forward: bool = False  # Fast Forward stages between optimizer steps (rankwise.hooks.fast_forward)
+    hooks: list[str] = field(default_factory=list)  # step hooks without a switch of their own, by name (rankwise.hooks)
+    fast_forward: bool = False  # the one Fast Forward switch: stages between optimizer steps (rankwise.hooks.fast_forward)
     ff: dict = field(default_factory=dict)  # Fast Forward options, e.g. ff.interval=6
 
     def to_dict(self) -> dict:

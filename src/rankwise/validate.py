@@ -1,17 +1,20 @@
-"""Reject a config that cannot work, with a one-line reason, before any weights load."""
+"""Reject a config that cannot work, with a one-line reason, before any weights load; hand on what was
+resolved on the way (a Plan), so nothing downstream parses or checks an option again."""
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
 from rankwise.data import check_data
-from rankwise.methods import get_method
+from rankwise.hooks import HookEntry, check_hooks
+from rankwise.methods import Method, MethodSpec, get_method
 from rankwise.models import check_model
-from rankwise.optim import get_optimizer
-from rankwise.hooks import check_hooks
+from rankwise.optim import OptimizerEntry, OptimizerSpec, get_optimizer
 from rankwise.train.dist import check_parallel
+from rankwise.train.metrics import check_report_to
 from rankwise.train.schedule import SCHEDULES
 
 PRECISIONS = ("bf16", "fp32")
@@ -19,7 +22,22 @@ MAX_BATCH = 1 << 16  # sequences; far beyond any memory, and it keeps index list
 MAX_THREADS = 1024  # torch.set_num_threads with absurd counts crashes the process
 
 
-def validate(cfg: Config) -> None:
+@dataclass(frozen=True)
+class Plan:
+    """A validated run: the config, and every part of it parsed into the object its owner uses."""
+
+    cfg: Config
+    method: Method
+    method_spec: MethodSpec
+    optimizer: OptimizerEntry
+    optimizer_spec: OptimizerSpec
+    hooks: list[tuple[HookEntry, object]] = field(default_factory=list)  # enabled hooks and their options
+    resume_from: Path | None = None  # the checkpoint directory `resume` named
+    resume_step: int | None = None  # its step (metrics.jsonl is cut after it)
+
+
+def validate(cfg: Config) -> Plan:
+    """The Plan for `cfg`, or ConfigError with a one-line reason; reads files, never loads weights."""
     positive = {"steps": cfg.steps, "batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum,
                 "max_length": cfg.max_length, "eval_examples": cfg.eval_examples}
     for key, value in positive.items():
@@ -45,17 +63,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"threads={cfg.threads} is more than {MAX_THREADS}; 0 leaves torch's default")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
         raise ConfigError(f"unknown device {cfg.device!r}; choose auto, cpu, cuda or cuda:N")
-    get_method(cfg.method).check(cfg)
-    get_optimizer(cfg.optimizer).check(cfg)
-    check_hooks(cfg)
-    check_parallel(cfg)
+    method = get_method(cfg.method)
+    method_spec = method.spec(cfg)
+    optimizer = get_optimizer(cfg.optimizer)
+    optimizer_spec = optimizer.check(cfg)
+    hooks = check_hooks(cfg)
+    check_parallel(cfg, method, optimizer)
+    check_report_to(cfg.report_to)
     try:
         check_model(cfg.model)
         check_data(cfg.data)
         _check_out(cfg)
-        _check_resume(cfg)
+        resume_from, resume_step = _check_resume(cfg)
     except OSError as e:  # e.g. a file name too long for the file system
         raise ConfigError(f"cannot use the path {e.filename or ''}: {e.strerror or e}") from None
+    return Plan(cfg, method, method_spec, optimizer, optimizer_spec, hooks, resume_from, resume_step)
 
 
 # what a resumed run must share with the checkpoint, or it would train something else or silently keep
@@ -65,9 +87,10 @@ RESUME_KEYS = ("model", "data", "max_length", "method", "rank", "alpha", "dropou
                "warmup_steps", "seed", "fast_forward", "ff")
 
 
-def _check_resume(cfg: Config) -> None:
+def _check_resume(cfg: Config) -> tuple[Path | None, int | None]:
+    """The checkpoint directory and step a resume starts from (None, None for a fresh run)."""
     if cfg.resume is None:
-        return
+        return None, None
     from rankwise.train import checkpoint as ckpt
 
     try:
@@ -78,7 +101,8 @@ def _check_resume(cfg: Config) -> None:
         meta = ckpt.read_meta(where)
     except (OSError, ValueError) as e:
         meta = e
-    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict):
+    if not isinstance(meta, dict) or not isinstance(meta.get("config", {}), dict) \
+            or not isinstance(meta.get("step"), int):
         raise ConfigError(f"resume={cfg.resume}: {where / ckpt.META} is damaged; resume from an earlier "
                           f"checkpoint (resume={where.parent}/step-N)")
     saved = meta.get("config", {})
@@ -88,6 +112,7 @@ def _check_resume(cfg: Config) -> None:
         pairs = ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in changed)
         raise ConfigError(f"resume={cfg.resume}: the checkpoint was trained with {pairs}; resume with the same "
                           f"settings, or start a new run")
+    return where, meta["step"]
 
 
 def _same_path(value):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from rankwise.config import ConfigError
 from rankwise.ffba.layers import ACTIVATIONS
+from rankwise.options import check_low_rank
 
 BLOCKS = ("attn", "mlp")  # sub-blocks an adapter can sit beside
 FORMAT_VERSION = 1
@@ -20,15 +20,14 @@ class Settings:
     dropout: float = 0.0
 
     def check(self) -> "Settings":
-        from rankwise.methods import check_low_rank  # here: rankwise.methods imports this package
-
-        check_low_rank(self, who="ffba: ")
+        """Raise ValueError with a one-line reason unless these settings can build an adapter."""
+        check_low_rank(self.rank, self.alpha, self.dropout, who="ffba: ")
         unknown = [b for b in self.blocks if b not in BLOCKS]
         if unknown or not self.blocks:
-            raise ConfigError(f"ffba: method_args.blocks must be a non-empty subset of {list(BLOCKS)}, "
+            raise ValueError(f"ffba: method_args.blocks must be a non-empty subset of {list(BLOCKS)}, "
                               f"got {list(self.blocks)}")
         if self.activation not in ACTIVATIONS:
-            raise ConfigError(f"ffba: unknown method_args.activation {self.activation!r}; choose one of: "
+            raise ValueError(f"ffba: unknown method_args.activation {self.activation!r}; choose one of: "
                               f"{', '.join(ACTIVATIONS)}")
         return self
 

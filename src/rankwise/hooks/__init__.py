@@ -1,13 +1,15 @@
 """Step hooks: code that runs around optimizer steps without the loop knowing what it is.
 
-Fast Forward is the first user. A hook factory is registered under a name; `build_hooks` asks every
-factory whether it is enabled for this config (it returns None when not).
+Fast Forward is the first user. A hook registers a factory, its typed options and its switch;
+`check_hooks` parses every hook's options once and picks the enabled ones, `build_hooks` builds them.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from rankwise.config import Config, ConfigError
+from rankwise.options import NoOptions, parse
 
 
 class RunContext(Protocol):
@@ -44,29 +46,48 @@ class StepHook:
         pass
 
 
-HookFactory = Callable[[Config], "StepHook | None"]
-HOOKS: dict[str, tuple[HookFactory, Callable[[Config], None]]] = {}
+@dataclass(frozen=True)
+class HookEntry:
+    """A registered hook: how to build it from its typed options, and how a run turns it on."""
+
+    name: str
+    factory: Callable[[object], StepHook]  # options -> hook
+    Options: type = NoOptions
+    options_key: str = ""  # the Config mapping that holds its options (e.g. "ff"); "" for none
+    switch: str = ""  # a Config bool that turns it on (e.g. "fast_forward"); "" means: listed in `hooks`
+
+    def options(self, cfg: Config):
+        values = getattr(cfg, self.options_key) if self.options_key else {}
+        return parse(self.Options, values, f"unknown {self.name} option(s)" if self.options_key else
+                     f"hook {self.name!r} takes no options, got")
+
+    def enabled(self, cfg: Config) -> bool:
+        return bool(getattr(cfg, self.switch)) if self.switch else self.name in cfg.hooks
 
 
-def register(name: str, factory: HookFactory, check: Callable[[Config], None] | None = None) -> None:
-    HOOKS[name] = (factory, check or (lambda cfg: None))
+HOOKS: dict[str, HookEntry] = {}
 
 
-def check_hooks(cfg: Config) -> None:
+def register(name: str, factory, Options: type = NoOptions, options_key: str = "", switch: str = "") -> HookEntry:
+    HOOKS[name] = entry = HookEntry(name, factory, Options, options_key, switch)
+    return entry
+
+
+def check_hooks(cfg: Config) -> list[tuple[HookEntry, object]]:
+    """Every registered hook's options parsed and checked (on or off: a typo is caught either way); returns
+    the enabled hooks with their options, for build_hooks."""
     for name in cfg.hooks:
         if name not in HOOKS:
             raise ConfigError(f"unknown hook {name!r}; choose from: {', '.join(sorted(HOOKS)) or 'none registered'}")
-    for _, check in HOOKS.values():
-        check(cfg)
+        if HOOKS[name].switch:  # one switch per hook
+            raise ConfigError(f"hook {name!r} is turned on with {HOOKS[name].switch}=true, not hooks=[{name}]")
+    chosen = [(entry, entry.options(cfg)) for entry in HOOKS.values()]
+    return [(entry, options) for entry, options in chosen if entry.enabled(cfg)]
 
 
-def build_hooks(cfg: Config) -> list[StepHook]:
-    hooks = []
-    for name, (factory, _) in HOOKS.items():
-        hook = factory(cfg)
-        if hook is not None:
-            hooks.append(hook)
-    return hooks
+def build_hooks(chosen: list[tuple[HookEntry, object]]) -> list[StepHook]:
+    """The hooks check_hooks chose, built from their options."""
+    return [entry.factory(options) for entry, options in chosen]
 
 
 from rankwise.plugins import discover  # noqa: E402

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import time
 
-from rankwise.config import Config, ConfigError
-from rankwise.fastforward.core import FastForward, FFOptions, check_options
+from rankwise.fastforward.core import FastForward, FFOptions
 from rankwise.fastforward.evaluate import tiny_loss_sum, tiny_subset
 from rankwise.hooks import StepHook, register
 from rankwise.train import dist
@@ -74,17 +73,5 @@ class FastForwardHook(StepHook):
             self._pending = state
 
 
-def check(cfg: Config) -> None:
-    try:
-        check_options(cfg.ff)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def build(cfg: Config) -> FastForwardHook | None:
-    if not (cfg.fast_forward or NAME in cfg.hooks):
-        return None
-    return FastForwardHook(FFOptions(**cfg.ff))
-
-
-register(NAME, build, check)
+# one switch: fast_forward=true; options under ff.* (FFOptions, checked once when parsed)
+register(NAME, FastForwardHook, FFOptions, options_key="ff", switch="fast_forward")

@@ -2,28 +2,34 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 from rankwise.config import DEFAULT_MODEL, Config, ConfigError
-from rankwise.methods import Method, register
-
-OPTIONS = ("blocks", "activation")
+from rankwise.methods import Method, MethodSpec, register
 
 
-def settings_from(cfg: Config):
-    """The adapter Settings a run config asks for (method_args.blocks, method_args.activation)."""
-    from rankwise.ffba.settings import BLOCKS, Settings
+@dataclass(frozen=True)
+class FFBAOptions:
+    blocks: tuple[str, ...] | list[str] | str | None = None  # sub-blocks to adapt: [attn,mlp] (default both)
+    activation: str = "identity"
 
-    unknown = set(cfg.method_args) - set(OPTIONS)
-    if unknown:
-        raise ConfigError(f"method 'ffba' does not take method_args {sorted(unknown)}; it takes {list(OPTIONS)}")
-    blocks = cfg.method_args.get("blocks", list(BLOCKS))
-    if isinstance(blocks, str):
-        blocks = [b.strip() for b in blocks.split(",") if b.strip()]
-    if not isinstance(blocks, list):
-        raise ConfigError(f"ffba: method_args.blocks must be a list such as [attn,mlp], got {blocks!r}")
-    return Settings(rank=cfg.rank, alpha=cfg.alpha, blocks=tuple(str(b) for b in blocks),
-                    activation=str(cfg.method_args.get("activation", "identity")), dropout=cfg.dropout).check()
+    def __post_init__(self):
+        from rankwise.ffba.settings import BLOCKS
+
+        blocks = BLOCKS if self.blocks is None else self.blocks
+        if isinstance(blocks, str):
+            blocks = [b.strip() for b in blocks.split(",") if b.strip()]
+        if not isinstance(blocks, (list, tuple)):
+            raise ValueError(f"ffba: method_args.blocks must be a list such as [attn,mlp], got {blocks!r}")
+        object.__setattr__(self, "blocks", tuple(str(b) for b in blocks))
+
+    def settings(self, spec: MethodSpec):
+        """The adapter Settings these options and the spec describe (`.check()` them once, in validation)."""
+        from rankwise.ffba.settings import Settings
+
+        return Settings(rank=spec.rank, alpha=spec.alpha, blocks=self.blocks, activation=str(self.activation),
+                        dropout=spec.dropout)
 
 
 def check_model_dir(name: str) -> None:
@@ -45,19 +51,24 @@ def check_model_dir(name: str) -> None:
 class FFBA(Method):
     name = "ffba"
     mergeable = False
+    Options = FFBAOptions
+    update = "ffba"
+    fsdp = True
+    low_rank = False  # Settings.check says "ffba: rank ..." itself
 
-    def check(self, cfg: Config) -> None:
-        settings_from(cfg)
-        if cfg.target_modules != "all-linear":
-            raise ConfigError("ffba adapts whole sub-blocks, not linear layers: drop target_modules and choose "
-                              "method_args.blocks=[attn,mlp] (or one of them)")
+    def check(self, spec: MethodSpec, cfg: Config) -> None:
+        spec.options.settings(spec).check()
+        if spec.target_modules != "all-linear":
+            raise ValueError("ffba adapts whole sub-blocks, not linear layers: drop target_modules and choose "
+                             "method_args.blocks=[attn,mlp] (or one of them)")
         check_model_dir(cfg.model)
 
-    def apply(self, model, cfg: Config):
+    def adapt(self, model, spec: MethodSpec):
         from rankwise.ffba.inject import inject
 
-        model = inject(model, settings_from(cfg))
-        model.ffba_settings = settings_from(cfg)
+        settings = spec.options.settings(spec)
+        model = inject(model, settings)
+        model.ffba_settings = settings
         return model
 
     def save(self, model, path: Path) -> None:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from rankwise.config import Config
 from rankwise.methods import Method, register
 
 WEIGHTS = "model.safetensors"
@@ -12,8 +11,11 @@ WEIGHTS = "model.safetensors"
 class Full(Method):
     name = "full"
     mergeable = True
+    update = "full"
+    fsdp = True
+    low_rank = False
 
-    def apply(self, model, cfg: Config):
+    def adapt(self, model, spec):
         for p in model.parameters():
             p.requires_grad_(True)
         return model

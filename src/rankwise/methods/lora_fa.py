@@ -13,48 +13,47 @@ recomputed), plus lora_fa.json with δ so a resumed run corrects the same way.
 from __future__ import annotations
 
 import json
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from rankwise.config import Config, ConfigError
-from rankwise.methods import Method, check_low_rank, register
+from rankwise.config import ConfigError
+from rankwise.methods import Method, MethodSpec, register
+from rankwise.options import BOOL, FINITE_NON_NEGATIVE, check, one_of
 
 ARGS_FILE = "lora_fa.json"
 INITS = ("kaiming", "svd")  # mirrors rankwise.lorafa.INITS without importing peft at check time
 
 
+@dataclass(frozen=True)
+class LoraFAOptions:
+    init: str = "kaiming"
+    delta: float = 1e-8
+    use_rslora: bool = False
+
+    def __post_init__(self):
+        check(self, "method_args.", {"init": one_of(*INITS), "delta": FINITE_NON_NEGATIVE, "use_rslora": BOOL})
+
+
 class LoraFA(Method):
     name = "lora-fa"
     mergeable = True
+    Options = LoraFAOptions
+    update = "lora-fa"  # only B trains, on a corrected gradient
+    fsdp = True
 
-    def check(self, cfg: Config) -> None:
-        check_low_rank(cfg)
-        args = cfg.method_args
-        unknown = set(args) - {"init", "delta", "use_rslora"}
-        if unknown:
-            raise ConfigError(f"method 'lora-fa' does not take method_args {sorted(unknown)}; "
-                              f"it takes init, delta, use_rslora")
-        if args.get("init", "kaiming") not in INITS:
-            raise ConfigError(f"method_args.init must be one of {', '.join(INITS)}, got {args['init']!r}")
-        delta = args.get("delta", 1e-8)
-        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not 0 <= delta <= sys.float_info.max:
-            raise ConfigError(f"method_args.delta must be a finite number >= 0, got {delta!r}")
-        if not isinstance(args.get("use_rslora", False), bool):
-            raise ConfigError(f"method_args.use_rslora must be true or false, got {args['use_rslora']!r}")
-
-    def apply(self, model, cfg: Config):
+    def adapt(self, model, spec: MethodSpec):
         from peft import LoraConfig, get_peft_model
 
         from rankwise.lorafa import to_lora_fa
 
-        args = cfg.method_args
-        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                            target_modules=cfg.target_modules, use_rslora=args.get("use_rslora", False),
+        options = spec.options
+        config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                            target_modules=spec.target_modules, use_rslora=options.use_rslora,
                             init_lora_weights=True, bias="none", task_type="CAUSAL_LM")
         try:
             peft_model = get_peft_model(model, config)
-            init = "svd" if args.get("init") == "svd" else None
-            return to_lora_fa(peft_model, delta=float(args.get("delta", 1e-8)), init=init)
+            init = "svd" if options.init == "svd" else None
+            return to_lora_fa(peft_model, delta=float(options.delta), init=init)
         except ValueError as e:  # target modules missing, non-Linear targets, rank above d_in for svd
             raise ConfigError(f"lora-fa: {str(e).splitlines()[0]}") from None
 

@@ -1,47 +1,53 @@
 """LoRA and DoRA through PEFT itself: the artifact is PEFT's, loadable with PeftModel.from_pretrained."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from rankwise.config import Config, ConfigError
-from rankwise.methods import Method, check_low_rank, register
+from rankwise.methods import Method, MethodSpec, register
+from rankwise.options import BOOL, check, one_of, set_fields
 
 BIASES = ("none", "all", "lora_only")  # PEFT's LoraConfig.bias
 
 
+@dataclass(frozen=True)
+class LoraOptions:
+    """method_args passed to PEFT's LoraConfig as they are (unset: PEFT's default)."""
+
+    init_lora_weights: bool | str | None = None  # PEFT checks the names
+    use_rslora: bool | None = None
+    bias: str | None = None
+
+    def __post_init__(self):
+        check(self, "method_args.", {"bias": one_of(*BIASES), "use_rslora": BOOL,
+                                     "init_lora_weights": (lambda v: isinstance(v, (bool, str)),
+                                                           "true, false or a PEFT init name")})
+
+
 class PeftLora(Method):
     mergeable = True
+    Options = LoraOptions
+    fsdp = True
 
     def __init__(self, name: str, use_dora: bool):
         self.name = name
         self.use_dora = use_dora
+        self.update = "dora" if use_dora else "lora"  # DoRA's W is not W0 + s·B·A
 
-    def check(self, cfg: Config) -> None:
-        check_low_rank(cfg)
-        args = cfg.method_args
-        unknown = set(args) - {"init_lora_weights", "use_rslora", "bias"}
-        if unknown:
-            raise ConfigError(f"method {self.name!r} does not take method_args {sorted(unknown)}")
-        if args.get("bias", "none") not in BIASES:
-            raise ConfigError(f"method_args.bias must be one of {', '.join(BIASES)}, got {args['bias']!r}")
-        if not isinstance(args.get("use_rslora", False), bool):
-            raise ConfigError(f"method_args.use_rslora must be true or false, got {args['use_rslora']!r}")
-        if not isinstance(args.get("init_lora_weights", True), (bool, str)):  # PEFT checks the names
-            raise ConfigError(f"method_args.init_lora_weights must be true, false or a PEFT init name, "
-                              f"got {args['init_lora_weights']!r}")
-
-    def lora_config(self, cfg: Config):
+    def lora_config(self, spec: MethodSpec | Config):
         from peft import LoraConfig
 
-        return LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                          target_modules=cfg.target_modules, use_dora=self.use_dora,
-                          task_type="CAUSAL_LM", **cfg.method_args)
+        spec = self.spec(spec) if isinstance(spec, Config) else spec
+        return LoraConfig(r=spec.rank, lora_alpha=spec.alpha, lora_dropout=spec.dropout,
+                          target_modules=spec.target_modules, use_dora=self.use_dora,
+                          task_type="CAUSAL_LM", **set_fields(spec.options))
 
-    def apply(self, model, cfg: Config):
+    def adapt(self, model, spec: MethodSpec):
         from peft import get_peft_model
 
         try:
-            return get_peft_model(model, self.lora_config(cfg))
+            return get_peft_model(model, self.lora_config(spec))
         except ValueError as e:  # e.g. target modules not found in this architecture
             raise ConfigError(f"{self.name}: {str(e).splitlines()[0]}") from None
 

@@ -11,12 +11,12 @@ import importlib
 import importlib.util
 import sys
 import types
+from dataclasses import dataclass
 
-from rankwise.config import Config, ConfigError
-from rankwise.optim import register
-from rankwise.optim.lora_pre import check_full_rank_optimizer, lora_pre_groups
+from rankwise.optim import OptimizerSpec, register
+from rankwise.optim.lora_pre import FULL_WEIGHTS, lora_pre_groups
+from rankwise.options import POSITIVE, POSITIVE_INT, check, one_of
 
-GALORE_ARGS = {"rank", "update_proj_gap", "scale", "proj_type", "targets"}
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")  # galore_torch's GaLoreProjector
 
 
@@ -30,33 +30,37 @@ def galore_adamw_class():
     except ImportError:
         spec = importlib.util.find_spec("galore_torch")
         if spec is None:
-            raise ConfigError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
+            raise ImportError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
         package = types.ModuleType("galore_torch")
         package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
         sys.modules["galore_torch"] = package
         return importlib.import_module("galore_torch.adamw").AdamW
 
 
-def _check(cfg: Config) -> None:
-    check_full_rank_optimizer(cfg, "galore", GALORE_ARGS)
-    args = cfg.optimizer_args
-    gap = args.get("update_proj_gap", 200)
-    if not isinstance(gap, int) or isinstance(gap, bool) or gap < 1:
-        raise ConfigError(f"optimizer_args.update_proj_gap must be an integer >= 1, got {gap!r}")
-    if args.get("proj_type", "std") not in PROJ_TYPES:
-        raise ConfigError(f"optimizer_args.proj_type must be one of {', '.join(PROJ_TYPES)}, got {args['proj_type']!r}")
-    if importlib.util.find_spec("galore_torch") is None:
-        raise ConfigError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
+@dataclass(frozen=True)
+class GaLoreOptions:
+    """optimizer_args of optimizer=galore (defaults: the galore-torch README's)."""
+
+    rank: int | None = None  # projection rank (default: the run's rank)
+    targets: str | list[str] | None = None  # see rankwise.optim.lora_pre_groups
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+
+    def __post_init__(self):
+        check(self, "optimizer_args.", {"rank": POSITIVE_INT, "update_proj_gap": POSITIVE_INT, "scale": POSITIVE,
+                                        "proj_type": one_of(*PROJ_TYPES)})
+        if importlib.util.find_spec("galore_torch") is None:
+            raise ValueError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
 
 
-def _build(model, cfg: Config):
-    args = cfg.optimizer_args
-    low, rest = lora_pre_groups(model, args.get("rank", cfg.rank), args.get("targets"))
-    low.update(update_proj_gap=int(args.get("update_proj_gap", 200)), scale=float(args.get("scale", 0.25)),
-               proj_type=args.get("proj_type", "std"))
+def _build(model, spec: OptimizerSpec):
+    o = spec.options
+    low, rest = lora_pre_groups(model, o.rank or spec.rank, o.targets)
+    low.update(update_proj_gap=o.update_proj_gap, scale=float(o.scale), proj_type=o.proj_type)
     del rest["rank"]  # GaLoreAdamW projects every group that has a "rank" key
-    return galore_adamw_class()([low, rest], lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+    return galore_adamw_class()([low, rest], lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,
                                 no_deprecation_warning=True)
 
 
-register("galore", _build, _check)
+register("galore", _build, GaLoreOptions, **FULL_WEIGHTS)

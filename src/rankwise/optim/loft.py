@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rankwise.config import Config, ConfigError
-from rankwise.optim import closure_loss, register
+from rankwise.optim import OptimizerSpec, closure_loss, register
+from rankwise.options import BOOL, FINITE_NON_NEGATIVE, check, set_fields
 from rankwise.optim.batched import StackedState, adamw_, batches
 from rankwise.optim.loft_math import congruence, packed_index, packed_outer, quad_basis, regularised_inverse
 
@@ -260,33 +260,25 @@ class LoFT(torch.optim.Optimizer):
 
 
 # ---- the recipe's registry entry -----------------------------------------------------------------
-OPTIONS = {"simple": bool, "ridge": float, "eps": float, "max_grad_norm": float}
-LORA_METHODS = ("lora",)  # methods whose trainable update is exactly W0 + s·B·A
+@dataclass(frozen=True)
+class LoFTOptions:
+    """optimizer_args; unset ones take LoFT's defaults (max_grad_norm: the run's clip)."""
+
+    simple: bool | None = None
+    ridge: float | None = None
+    eps: float | None = None
+    max_grad_norm: float | None = None
+
+    def __post_init__(self):
+        check(self, "optimizer_args.", {"simple": BOOL, "ridge": FINITE_NON_NEGATIVE, "eps": FINITE_NON_NEGATIVE,
+                                        "max_grad_norm": FINITE_NON_NEGATIVE})
 
 
-def _check(cfg: Config) -> None:
-    unknown = set(cfg.optimizer_args) - set(OPTIONS)
-    if unknown:
-        raise ConfigError(f"optimizer 'loft' does not take optimizer_args {sorted(unknown)}; "
-                          f"choose from {sorted(OPTIONS)}")
-    for key, kind in OPTIONS.items():
-        value = cfg.optimizer_args.get(key)
-        if value is None:
-            continue
-        if kind is bool and not isinstance(value, bool):
-            raise ConfigError(f"optimizer_args.{key} must be true or false, got {value!r}")
-        if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not 0 <= value <= sys.float_info.max):  # nan and inf fail too
-            raise ConfigError(f"optimizer_args.{key} must be a finite number >= 0, got {value!r}")
-    if cfg.method not in LORA_METHODS:
-        raise ConfigError(f"optimizer 'loft' needs LoRA factors (method in {list(LORA_METHODS)}), "
-                          f"got method={cfg.method!r}")
+def _build(model: torch.nn.Module, spec: OptimizerSpec) -> LoFT:
+    args = {"max_grad_norm": spec.clip, **set_fields(spec.options)}  # the run's clip, on projected gradients
+    return LoFT.from_peft_model(model, lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay, **args)
 
 
-def _build(model: torch.nn.Module, cfg: Config) -> LoFT:
-    args = dict(cfg.optimizer_args)
-    args.setdefault("max_grad_norm", cfg.clip)  # the recipe's clip, applied to projected gradients
-    return LoFT.from_peft_model(model, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay, **args)
-
-
-register("loft", _build, _check)
+# LoFT pairs PEFT LoRA factors (A, B) and needs W = W0 + s·B·A exactly (not DoRA's, not LoRA-FA's frozen A)
+register("loft", _build, LoFTOptions, updates=("lora",), needs="LoRA factors (W = W0 + s·B·A)",
+         clips_gradients=True)

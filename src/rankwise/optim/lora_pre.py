@@ -3,10 +3,12 @@
 Adam's EMA m <- b*m + (1-b)*g is one gradient step on 1/2||m - g||^2. LoRA-Pre keeps the momentum of
 each p x q weight as m_B @ m_A (p x r times r x q) and moves each factor toward g every step with a
 damped closed-form Newton step, the other factor held fixed (spec: shared/specs/lora-pre.md):
-    m_B <- (1-gamma) m_B + gamma g m_A^T (m_A m_A^T + delta I)^-1
-    m_A <- (1-gamma) m_A + gamma (m_B^T m_B + delta I)^-1 m_B^T g
+    m_B <- (1-gamma) m_B + gamma g m_A^T (m_A m_A^T + d I)^-1
+    m_A <- (1-gamma) m_A + gamma (m_B^T m_B + d I)^-1 m_B^T g
 With (1-gamma)^2 = beta the product decays at beta and the gradient enters with weight 1-beta (exactly,
 when g lies in the factors' subspaces). The second moment regresses |g| so that v = (v_B v_A)^2 >= 0.
+The damping d is delta times the mean eigenvalue of the Gram matrix it is added to (as LoFT's ridge), so
+the factors track c*g exactly as they track g; an absolute delta swamped m_B^T m_B when |g| was small.
 
 `LoRAPreAdam.for_model(model, rank=...)` picks the attention/MLP Linear weights for low-rank state and
 leaves embeddings, head and norms to plain AdamW; `param_groups` with rank=0 are plain AdamW too.
@@ -14,13 +16,13 @@ leaves embeddings, head and norms to plain AdamW; `param_groups` with rank=0 are
 from __future__ import annotations
 
 import math
-import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from rankwise.config import Config, ConfigError
-from rankwise.optim import closure_loss, register
+from rankwise.optim import OptimizerSpec, closure_loss, register
+from rankwise.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, one_of, set_fields
 from rankwise.optim.batched import StackedState, adamw_, batches
 
 __all__ = ["LoRAPreAdam", "lora_pre_groups", "advance_factors", "optimizer_state_bytes"]
@@ -33,28 +35,32 @@ def advance_factors(B: torch.Tensor, A: torch.Tensor, target: torch.Tensor, gamm
     newton_step_B(B, A, target, gamma, delta)
     newton_step_A(B, A, target, gamma, delta)
     # B A = (B R^T)(Q^T) for A^T = Q R: the same product, but neither factor drifts ill-conditioned over
-    # many steps (both Newton steps are invariant to this change of basis, up to delta)
+    # many steps (both Newton steps are invariant to this change of basis, up to the damping)
     Q, R = torch.linalg.qr(A.mT)
     B.copy_(B @ R.mT)
     A.copy_(Q.mT)
 
 
 def newton_step_B(B, A, target, gamma: float, delta: float) -> None:
-    """B <- (1-gamma) B + gamma target A^T (A A^T + delta I)^-1  (A A^T is symmetric: solve, transpose)."""
-    eye = torch.eye(A.shape[-2], device=A.device, dtype=A.dtype)
-    B.mul_(1 - gamma).add_(_solve(A @ A.mT + delta * eye, A @ target.mT).mT, alpha=gamma)
+    """B <- (1-gamma) B + gamma target A^T (A A^T + d I)^-1, d = delta * mean eigenvalue of A A^T
+    (A A^T is symmetric: solve, transpose)."""
+    B.mul_(1 - gamma).add_(_damped_solve(A @ A.mT, A @ target.mT, delta).mT, alpha=gamma)
 
 
 def newton_step_A(B, A, target, gamma: float, delta: float) -> None:
-    """A <- (1-gamma) A + gamma (B^T B + delta I)^-1 B^T target."""
-    eye = torch.eye(B.shape[-1], device=B.device, dtype=B.dtype)
-    A.mul_(1 - gamma).add_(_solve(B.mT @ B + delta * eye, B.mT @ target), alpha=gamma)
+    """A <- (1-gamma) A + gamma (B^T B + d I)^-1 B^T target, d = delta * mean eigenvalue of B^T B."""
+    A.mul_(1 - gamma).add_(_damped_solve(B.mT @ B, B.mT @ target, delta), alpha=gamma)
 
 
-def _solve(M: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """M^-1 rhs without linalg.solve's error check, which waits on an accelerator (M = Gram + delta I,
-    delta > 0, is positive definite)."""
-    return torch.linalg.solve_ex(M, rhs).result
+def _damped_solve(gram: torch.Tensor, rhs: torch.Tensor, delta: float) -> torch.Tensor:
+    """(gram + d I)^-1 rhs with d = delta * trace(gram) / r per matrix of the batch, so that scaling the
+    factors scales d with them; gram is overwritten. d is at least the smallest normal float: a zero Gram
+    matrix (B at initialisation, a zero gradient) still solves, to zero, since its rhs is zero too."""
+    trace = gram.diagonal(dim1=-2, dim2=-1).sum(-1, keepdim=True)
+    ridge = trace.mul_(delta / gram.shape[-1]).clamp_min_(torch.finfo(gram.dtype).tiny)
+    gram.diagonal(dim1=-2, dim2=-1).add_(ridge)
+    # solve_ex: linalg.solve's error check would wait on an accelerator; gram + d I (d > 0) is positive definite
+    return torch.linalg.solve_ex(gram, rhs).result
 
 
 def _apply(params: list[torch.Tensor], update: torch.Tensor, group: dict, scale: float) -> None:
@@ -83,15 +89,6 @@ class _LowRankOptimizer(torch.optim.Optimizer):
     def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw", **kwargs):
         """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
         return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
-
-    @classmethod
-    def from_config(cls, model: nn.Module, cfg: Config):
-        """The recipe's entry: cfg.lr, betas and weight_decay; rank (default cfg.rank), targets, rest and
-        the optimizer's own options from cfg.optimizer_args."""
-        args = dict(cfg.optimizer_args)
-        rank, targets, rest = args.pop("rank", cfg.rank), args.pop("targets", None), args.pop("rest", "adamw")
-        return cls.for_model(model, rank=rank, targets=targets, rest=rest, lr=cfg.lr, betas=cfg.betas,
-                             weight_decay=cfg.weight_decay, **args)
 
     def _init_factors(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         rows, cols = p.shape
@@ -156,6 +153,7 @@ class LoRAPreAdam(_LowRankOptimizer):
     Per adapted p x q weight the state is m_B, v_B (p x r) and m_A, v_A (r x q): 2 r (p + q) floats.
     Groups with rank=0, and non-2-D tensors, get plain AdamW. `scale` multiplies the low-rank update
     (GaLore's experiments use 0.25). beta2 ~ 0.95 is advised: (EMA|g|)^2 <= EMA(g^2) makes steps larger.
+    `delta` damps each factor solve relative to its Gram matrix (mean eigenvalue), whatever the gradients' scale.
     """
 
     def __init__(self, params, lr: float = 1e-3, rank: int = 16, betas=(0.9, 0.95), eps: float = 1e-8,
@@ -192,7 +190,7 @@ def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adam
     requires_grad=False on every other parameter (fine-tuning with no full-size optimizer state at all).
     """
     if rest not in ("adamw", "frozen"):
-        raise ConfigError(f"rest must be 'adamw' or 'frozen', got {rest!r}")
+        raise ValueError(f"rest must be 'adamw' or 'frozen', got {rest!r}")
     if isinstance(targets, str) and targets != "all-linear":
         targets = [t for t in targets.split(",") if t]
     skip = set()
@@ -208,7 +206,7 @@ def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adam
         if targets in (None, "all-linear") or any(t in name for t in targets):
             chosen.append(weight)
     if not chosen:
-        raise ConfigError(f"no Linear weight matched targets={targets!r} for low-rank optimizer state")
+        raise ValueError(f"no Linear weight matched targets={targets!r} for low-rank optimizer state")
     picked = {id(w) for w in chosen}
     others = [p for p in model.parameters() if p.requires_grad and id(p) not in picked]
     if rest == "frozen":
@@ -246,48 +244,41 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
 
 
 # ---- recipe registration: optimizer=lorapre -----------------------------------------------------
-ADAM_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std"}
-
-
-def check_full_rank_optimizer(cfg: Config, name: str, allowed: set[str]) -> int:
-    """Shared check for optimizers that train full weights with low-rank state; returns the rank."""
-    if cfg.method != "full":
-        raise ConfigError(f"optimizer {name!r} trains the full weights: use method=full (got method={cfg.method})")
-    unknown = sorted(set(cfg.optimizer_args) - allowed)
-    if unknown:
-        raise ConfigError(f"optimizer {name!r} does not know optimizer_args {unknown}; "
-                          f"known: {', '.join(sorted(allowed))}")
-    if cfg.optimizer_args.get("rest", "adamw") not in ("adamw", "frozen"):
-        raise ConfigError(f"optimizer_args.rest must be adamw or frozen, got {cfg.optimizer_args['rest']!r}")
-    rank = cfg.optimizer_args.get("rank", cfg.rank)
-    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-        raise ConfigError(f"optimizer {name!r} needs a positive integer rank, got {rank!r}")
-    for key, (ok, what) in ARG_RULES.items():
-        if key in cfg.optimizer_args and not ok(cfg.optimizer_args[key]):
-            raise ConfigError(f"optimizer_args.{key} must be {what}, got {cfg.optimizer_args[key]!r}")
-    return rank
-
-
-def _number(v) -> bool:
-    """A finite float, or an int that fits one (bool excluded)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) <= sys.float_info.max
-
-
 def _targets(v) -> bool:
-    return v is None or isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v)
+    return isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v)
 
 
-# the optimizers' own arguments, checked here so a bad one is refused before any weights load
-ARG_RULES = {
-    "delta": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "eps": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "scale": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "init_std": (lambda v: _number(v) and v > 0, "a number > 0"),
-    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "nesterov": (lambda v: isinstance(v, bool), "true or false"),
-    "ns_steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
-    "targets": (_targets, "all-linear, comma-separated name fragments or a list of them"),
-}
+@dataclass(frozen=True)
+class LoRAPreOptions:
+    """optimizer_args of optimizer=lorapre; unset ones take the optimizer's defaults."""
+
+    rank: int | None = None  # rank of the momentum factors (default: the run's rank)
+    targets: str | list[str] | None = None  # which Linear weights get low-rank state (see lora_pre_groups)
+    rest: str = "adamw"  # the other trainable tensors: adamw | frozen
+    delta: float | None = None
+    scale: float | None = None
+    eps: float | None = None
+    init_std: float | None = None
+
+    def __post_init__(self):
+        check(self, "optimizer_args.", {
+            "rank": POSITIVE_INT, "rest": one_of("adamw", "frozen"), "delta": POSITIVE, "eps": NON_NEGATIVE,
+            "scale": POSITIVE, "init_std": POSITIVE,
+            "targets": (_targets, "all-linear, comma-separated name fragments or a list of them")})
 
 
-register("lorapre", LoRAPreAdam.from_config, lambda cfg: check_full_rank_optimizer(cfg, "lorapre", ADAM_ARGS))
+def low_rank_factory(cls):
+    """The registry's factory for a _LowRankOptimizer class: low-rank state for the decoder's Linear
+    weights (rank: optimizer_args.rank, else the run's), the run's lr, betas and weight decay."""
+
+    def build(model: nn.Module, spec: OptimizerSpec):
+        o = spec.options
+        return cls.for_model(model, rank=o.rank or spec.rank, targets=o.targets, rest=o.rest, lr=spec.lr,
+                             betas=spec.betas, weight_decay=spec.weight_decay,
+                             **set_fields(o, skip=("rank", "targets", "rest")))
+
+    return build
+
+
+FULL_WEIGHTS = {"updates": ("full",), "needs": "the full weights", "uses_rank": True}  # low-rank state for W itself, not an adapter
+register("lorapre", low_rank_factory(LoRAPreAdam), LoRAPreOptions, **FULL_WEIGHTS)

@@ -9,11 +9,14 @@ learning rate serves both the Muon-stepped matrices and the AdamW-stepped rest (
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
 from rankwise.optim import register
-from rankwise.optim.lora_pre import _apply, _LowRankOptimizer, advance_factors, check_full_rank_optimizer
+from rankwise.optim.lora_pre import (FULL_WEIGHTS, LoRAPreOptions, _apply, _LowRankOptimizer, advance_factors,
+                                     low_rank_factory)
+from rankwise.options import BOOL, POSITIVE_INT, check, is_number
 
 __all__ = ["LoRAPreMuon", "newton_schulz"]
 
@@ -63,7 +66,18 @@ class LoRAPreMuon(_LowRankOptimizer):
         _apply(params, newton_schulz(direction, group["ns_steps"]), group, group["scale"] * rms_match)
 
 
-MUON_ARGS = {"rank", "delta", "scale", "targets", "rest", "eps", "init_std", "momentum", "nesterov", "ns_steps"}
+@dataclass(frozen=True)
+class LoRAPreMuonOptions(LoRAPreOptions):
+    """optimizer_args of optimizer=lorapre-muon: LoRA-Pre's, and Muon's own."""
+
+    momentum: float | None = None
+    nesterov: bool | None = None
+    ns_steps: int | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        check(self, "optimizer_args.", {"momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+                                        "nesterov": BOOL, "ns_steps": POSITIVE_INT})
 
 
-register("lorapre-muon", LoRAPreMuon.from_config, lambda cfg: check_full_rank_optimizer(cfg, "lorapre-muon", MUON_ARGS))
+register("lorapre-muon", low_rank_factory(LoRAPreMuon), LoRAPreMuonOptions, **FULL_WEIGHTS)

@@ -29,8 +29,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from rankwise import runtime
-from rankwise.config import Config, ConfigError, coerce, parse_value
-from rankwise.optim import get_optimizer, lora_pre_groups, optimizer_state_bytes
+from rankwise.config import ConfigError, coerce, parse_value
+from rankwise.optim import OptimizerSpec, get_optimizer, lora_pre_groups, optimizer_state_bytes
 from rankwise.train.checkpoint import atomic_dir, atomic_write_text
 from rankwise.train.metrics import MetricsLog
 from rankwise.train.schedule import build_scheduler
@@ -97,11 +97,12 @@ def parse_overrides(items: list[str], base: PretrainConfig | None = None) -> Pre
     return cfg
 
 
-def optimizer_config(cfg: PretrainConfig) -> Config:
-    """The recipe Config the optimizer registry expects (full training of every weight)."""
-    return Config(model="pretrain", method="full", optimizer=cfg.optimizer, rank=cfg.rank,
-                  optimizer_args=dict(cfg.optimizer_args), lr=cfg.lr, betas=cfg.betas,
-                  weight_decay=cfg.weight_decay)
+def optimizer_spec(cfg: PretrainConfig) -> OptimizerSpec:
+    """The optimizer's spec (ConfigError if it cannot pre-train: every weight trains, as method=full)."""
+    entry = get_optimizer(cfg.optimizer)
+    entry.check_update("full", "full (pre-training)", ["full"])
+    return entry.make_spec(cfg.optimizer_args, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                           clip=cfg.clip, rank=cfg.rank)
 
 
 def check(cfg: PretrainConfig) -> None:
@@ -115,7 +116,7 @@ def check(cfg: PretrainConfig) -> None:
         raise ConfigError(f"vocab must be at least 300 (256 bytes + merges), got {cfg.vocab}")
     if cfg.precision not in ("fp32", "bf16"):
         raise ConfigError(f"precision must be fp32 or bf16, got {cfg.precision!r}")
-    get_optimizer(cfg.optimizer).check(optimizer_config(cfg))
+    optimizer_spec(cfg)
 
 
 # ---- data ----------------------------------------------------------------------------------------
@@ -228,7 +229,7 @@ def run(cfg: PretrainConfig, say=print) -> dict:
     autocast = runtime.autocast_for(cfg.precision, device)
     model = build_model(cfg, tok.get_vocab_size()).to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
-    optimizer = get_optimizer(cfg.optimizer).build(model, optimizer_config(cfg))
+    optimizer = get_optimizer(cfg.optimizer).build(model, optimizer_spec(cfg))
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule)
     (out / "config.yaml").write_text(yaml.safe_dump({**dataclasses.asdict(cfg), "betas": list(cfg.betas)}))
     (out / "metrics.jsonl").unlink(missing_ok=True)

@@ -25,9 +25,8 @@ from transformers.utils import logging as hf_logging
 from rankwise import runtime
 from rankwise.config import Config, save_config
 from rankwise.data import DataError, collate, collate_packed, encode_all, load_splits
-from rankwise.methods import get_method
 from rankwise.models import load_model, load_tokenizer
-from rankwise.optim import get_optimizer, trainable_parameters
+from rankwise.optim import trainable_parameters
 from rankwise.train import checkpoint as ckpt
 from rankwise.train import dist
 from rankwise.train.flops import FlopMeter, flop_size
@@ -37,7 +36,7 @@ from rankwise.train.metrics import MetricsLog, plot_losses, read_metrics
 from rankwise.train.schedule import build_scheduler
 from rankwise.train.stream import ExampleStream
 from rankwise.recipes.task_metric import mean_rouge_l
-from rankwise.validate import validate
+from rankwise.validate import Plan, validate
 
 
 class TrainingDiverged(RuntimeError):
@@ -66,7 +65,9 @@ class Run:
     device: torch.device
     log_file: MetricsLog
     engine: torch.nn.Module  # TokenLoss(model), under DDP or FSDP2 when world.size > 1
+    method: object = None  # the registry's Method: saves what it trained
     world: dist.World = field(default_factory=dist.World)
+    clips_gradients: bool = False  # the optimizer clips its own (projected) gradients; the loop must not
     params: list = field(default_factory=list)  # the trainable tensors, listed once (FSDP's, after sharding)
     peak: tuple | None = None  # (FLOP/s, name): the device's dense bf16 peak, where known, for MFU
     hooks: list = field(default_factory=list)
@@ -146,7 +147,7 @@ class Run:
 
     def save(self) -> Path:
         """Write a checkpoint (rank 0) that every rank helped gather; a failed write stops all ranks."""
-        method = get_method(self.cfg.method)
+        method = self.method
         meta = {"method": self.cfg.method, "model": self.cfg.model, "config": self.cfg.to_dict(),
                 "world_size": self.world.size}
         dist.reshard(self.world, self.engine)
@@ -170,14 +171,16 @@ def _batches(tok, examples: list[dict], cfg: Config, device) -> list[dict]:
     return [to_device(collate(items[i:i + size], tok.pad_token_id), device) for i in range(0, len(items), size)]
 
 
-def build_run(cfg: Config, say=print) -> Run:
-    """Everything up to the first step: data, model, method, optimizer, schedule, hooks, resume."""
-    validate(cfg)
+def build_run(plan: Plan | Config, say=print) -> Run:
+    """Everything up to the first step: data, model, method, optimizer, schedule, hooks, resume. A Config is
+    validated first; a Plan already was."""
+    plan = plan if isinstance(plan, Plan) else validate(plan)
+    cfg = plan.cfg
     world = dist.init(cfg)
     if not world.main:
         say = _silent
     out = Path(cfg.out)
-    resume_from = ckpt.resolve(cfg.resume, out) if cfg.resume else None
+    resume_from = plan.resume_from
     if world.main:
         _prepare_out(cfg, out)
     dist.barrier(world)
@@ -204,12 +207,12 @@ def build_run(cfg: Config, say=print) -> Run:
                         f"raise max_length")
     base = load_model(cfg.model)
     hf_logging.disable_progress_bar()  # from here on, our own bar is the one to watch
-    method = get_method(cfg.method)
+    method = plan.method
     if resume_from is not None:
         with _damaged(resume_from, "adapter"):
             model = method.load(base, resume_from / ckpt.ADAPTER, trainable=True)
     else:
-        model = method.apply(base, cfg)
+        model = method.apply(base, plan.method_spec)
     model.to(device).train()
     n_train = sum(p.numel() for p in trainable_parameters(model))
     n_all = sum(p.numel() for p in model.parameters())
@@ -220,17 +223,20 @@ def build_run(cfg: Config, say=print) -> Run:
             f"{cfg.batch_size} x {cfg.grad_accum} accum x {world.size} = "
             f"{cfg.batch_size * cfg.grad_accum * world.size} sequences per step | lr {cfg.lr:g} (not scaled)")
 
-    optimizer = get_optimizer(cfg.optimizer).build(model, cfg)
+    optimizer = plan.optimizer.build(model, plan.optimizer_spec)
     scheduler = build_scheduler(optimizer, cfg.steps, cfg.warmup_steps, cfg.schedule)
     autocast = runtime.autocast_for(cfg.precision, device)
     run = Run(cfg=cfg, out=out, model=model, tokenizer=tok, optimizer=optimizer, scheduler=scheduler,
               stream=ExampleStream(len(train_items), cfg.seed), train_items=train_items,
               tiny_batches=tiny_batches, test_batches=test_batches,
-              autocast=autocast, device=device, hooks=build_hooks(cfg), flops=FlopMeter(cfg.count_flops),
+              autocast=autocast, device=device, hooks=build_hooks(plan.hooks), flops=FlopMeter(cfg.count_flops),
               log_file=MetricsLog(out / "metrics.jsonl",
-                                  truncate_after_step=None if resume_from is None else ckpt.read_meta(resume_from)["step"])
+                                  truncate_after_step=plan.resume_step,
+                                  report_to=cfg.report_to,
+                                  header={"kind": "model", "step": 0, "trainable_params": n_train, "params": n_all})
               if world.main else None,
-              engine=engine, world=world, params=trainable_parameters(model), peak=runtime.peak_flops(device))
+              engine=engine, world=world, params=trainable_parameters(model), peak=runtime.peak_flops(device),
+              method=method, clips_gradients=plan.optimizer.clips_gradients)
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     run.generate_examples = splits.test[:cfg.eval_generate]
     if resume_from is not None:
@@ -294,8 +300,7 @@ def train_step(run: Run) -> dict:
         losses.append(loss_sum.detach().double())
     with run.flops.measure("update"):
         # an optimizer that clips its own (e.g. projected) gradients gets raw ones; the norm is still logged
-        own_clip = getattr(run.optimizer, "clips_gradients", False)
-        max_norm = cfg.clip if cfg.clip > 0 and not own_clip else float("inf")
+        max_norm = cfg.clip if cfg.clip > 0 and not run.clips_gradients else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(run.params, max_norm)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # FSDP's is a DTensor
         total, grad_norm = torch.stack([sum(losses), norm.double().to(losses[0].device)]).tolist()
@@ -350,9 +355,10 @@ class _StopOnSignal:
         return False
 
 
-def train(cfg: Config, say=print) -> dict:
-    """Run the recipe; returns a summary (final held-out loss, steps, costs, output paths)."""
-    run = build_run(cfg, say)
+def train(plan: Plan | Config, say=print) -> dict:
+    """Run the recipe (a Config is validated first); returns a summary (final held-out loss, steps, costs,
+    output paths)."""
+    run = build_run(plan, say)
     world = run.world
     try:
         return _loop(run, say if run.world.main else _silent)

@@ -31,9 +31,6 @@ import torch.distributed as dist
 from rankwise.config import Config, ConfigError
 
 PARALLEL = ("ddp", "fsdp")
-# FSDP2 shards parameters into DTensors; these are the methods and optimizers tested on them
-FSDP_METHODS = ("lora", "dora", "ffba", "full", "lora-fa")
-FSDP_OPTIMIZERS = ("adamw",)
 
 
 @dataclass(frozen=True)
@@ -56,8 +53,10 @@ def under_torchrun() -> bool:
     return "TORCHELASTIC_RUN_ID" in os.environ or ("LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ)
 
 
-def check_parallel(cfg: Config) -> None:
-    """Refuse a scale-out setting that cannot work, before any weights load."""
+def check_parallel(cfg: Config, method, optimizer) -> None:
+    """Refuse a scale-out setting that cannot work, before any weights load. `method` and `optimizer` are
+    the registry entries; each says for itself whether it runs on FSDP2's sharded DTensor parameters
+    (`.fsdp`), and only what was tested there says yes."""
     if cfg.parallel not in PARALLEL:
         raise ConfigError(f"unknown parallel {cfg.parallel!r}; choose one of: {', '.join(PARALLEL)}")
     if cfg.nproc < 1:
@@ -66,14 +65,13 @@ def check_parallel(cfg: Config) -> None:
     if cfg.nproc > 4 * cores and not cfg.device.startswith("cuda"):
         raise ConfigError(f"nproc={cfg.nproc} processes on {cores} CPU cores is too many; use at most {4 * cores}")
     if cfg.parallel == "fsdp":
-        if cfg.method not in FSDP_METHODS:
-            raise ConfigError(f"parallel=fsdp supports methods {', '.join(FSDP_METHODS)}, not {cfg.method!r}; "
-                              f"use parallel=ddp")
+        if not method.fsdp:
+            raise ConfigError(f"parallel=fsdp does not support method {cfg.method!r} yet; use parallel=ddp")
         if cfg.compile:
             raise ConfigError("compile=true is not supported with parallel=fsdp yet; use parallel=ddp")
-        if cfg.optimizer not in FSDP_OPTIMIZERS:
-            raise ConfigError(f"parallel=fsdp supports optimizer {', '.join(FSDP_OPTIMIZERS)}, not "
-                              f"{cfg.optimizer!r} (it works on whole matrices); use parallel=ddp")
+        if not optimizer.fsdp:
+            raise ConfigError(f"parallel=fsdp does not support optimizer {cfg.optimizer!r} (it works on whole "
+                              f"matrices); use parallel=ddp")
     if under_torchrun():
         local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
         if cfg.nproc > 1 and cfg.nproc != local:
