@@ -19,13 +19,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import os
 import tempfile
 import time
 from pathlib import Path
 
 from rankwise.bench import register, write_json
+from rankwise.bench._harness import builtin_jsonl, config_settings, finished_runs, lowest, run_key, typed
 
 SCALES = {
     # base: config for every run; paper / tuned / control: what each regime changes
@@ -54,7 +54,8 @@ SCALES = {
 
 
 # ---- one run -----------------------------------------------------------------------------------------
-def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
+def _train(overrides: dict, ff: dict | None, out: Path, say, reuse: dict) -> dict:
+    """One recipe run in `out` (or, when `reuse` holds a finished run of this exact config, that run)."""
     from rankwise.config import load_config
     from rankwise.train.metrics import read_metrics
     from rankwise.recipes.train import train
@@ -63,9 +64,9 @@ def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
     if ff is not None:
         pairs["fast_forward"] = True
         pairs.update({f"ff.{k}": v for k, v in ff.items() if f"ff.{k}" not in pairs})  # user's ff.* win
-    cfg = load_config(None, [f"{k}={_text(v)}" for k, v in pairs.items()])
+    cfg = load_config(None, pairs)
     start = time.perf_counter()
-    reused = _finished(cfg, out)
+    reused = run_key(config_settings(cfg.to_dict())) in reuse
     if reused:
         say(f"  (reusing the finished run in {out})")
     else:
@@ -103,33 +104,6 @@ def _train(overrides: dict, ff: dict | None, out: Path, say) -> dict:
     return result
 
 
-def _finished(cfg, out: Path) -> bool:
-    """--reuse: `out` holds a complete run of exactly this config (e.g. from an interrupted bench)."""
-    import yaml
-
-    from rankwise.train.metrics import read_metrics
-
-    if not (REUSE and (out / "config.yaml").is_file() and (out / "metrics.jsonl").is_file()):
-        return False
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    from rankwise.config import Config
-
-    defaults = json.loads(json.dumps(Config().to_dict()))  # keys newer than the saved run: their defaults
-    mine = json.loads(json.dumps({k: v for k, v in cfg.to_dict().items() if k not in ("overwrite", "resume")}))
-    if any(saved.get(k, defaults[k]) != v for k, v in mine.items()):
-        return False
-    records = read_metrics(out / "metrics.jsonl")
-    steps = [r["step"] for r in records if r["kind"] == "train"]
-    return bool(steps) and steps[-1] == cfg.steps and records[-1]["kind"] == "eval" and records[-1]["step"] == cfg.steps
-
-
-REUSE = False  # set by --reuse
-
-
-def _text(v) -> str:
-    return json.dumps(v) if isinstance(v, (list, dict)) else str(v).lower() if isinstance(v, bool) else str(v)
-
-
 def _label(r: dict) -> str:
     ff = r["fast_forward"]
     kind = "baseline" if ff is None else "FF reference" if ff.get("search") == "reference" else "FF"
@@ -159,13 +133,15 @@ def compare(baseline: dict, ff: dict) -> dict:
 REGIMES = ("paper", "tuned", "control")
 
 
-def run_all(scale: dict, user: dict, work: Path, say=print, regimes=REGIMES, reference: bool = True) -> dict:
+def run_all(scale: dict, user: dict, work: Path, say=print, regimes=REGIMES, reference: bool = True,
+            reuse: dict | None = None) -> dict:
+    """Every regime's runs in `work`; `reuse`: finished runs to keep (harness.finished_runs), by config."""
     base = {**scale["base"], **user}
     results = {}
 
     def runs(name, overrides, ff=None):
         merged = {**base, **{k: v for k, v in overrides.items() if k not in user or k in ("lr", "method")}}
-        return _train(merged, ff, work / name, say)
+        return _train(merged, ff, work / name, say, reuse or {})
 
     if "paper" in regimes:
         say("paper regime: small constant LR, large effective batch")
@@ -192,7 +168,7 @@ def _tuned(scale: dict, runs, say) -> dict:
     say("tuned regime: baseline LR swept with the same schedule and budget")
     t = {k: v for k, v in scale["tuned"].items() if k != "lrs"}
     sweep = [runs(f"tuned-base-{lr:g}", {**t, "lr": lr}) for lr in scale["tuned"]["lrs"]]
-    best = min(sweep, key=lambda r: r["best_eval"])
+    best = lowest(sweep, "best_eval")
     if best["lr"] in (min(r["lr"] for r in sweep), max(r["lr"] for r in sweep)) and len(sweep) > 1:
         say(f"  note: the best LR {best['lr']:g} is at the edge of the sweep; widen it with --lrs")
     tuned = {"sweep": sweep, "baseline": best, "ff": runs("tuned-ff", {**t, "lr": best["lr"]}, scale["ff"])}
@@ -262,19 +238,6 @@ def plot(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _builtin_as_jsonl(work: Path) -> str:
-    """The built-in dataset written once as JSONL: the same examples, so the same split, loaded in ms."""
-    from rankwise.config import BUILTIN_DATA
-    from rankwise.data import load_splits
-
-    splits = load_splits(BUILTIN_DATA)
-    path = work / "stdlib-docstrings.jsonl"
-    with path.open("w") as f:
-        for ex in splits.train + splits.tiny + splits.test:
-            f.write(json.dumps(ex) + "\n")
-    return str(path)
-
-
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rankwise bench fast-forward", description=__doc__.split("\n")[0])
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
@@ -293,23 +256,14 @@ def main(argv: list[str]) -> int:
     regimes = [r for r in args.regimes.split(",") if r]
     if not regimes or set(regimes) - set(REGIMES):
         parser.error(f"--regimes takes a comma-separated subset of {', '.join(REGIMES)}, got {args.regimes!r}")
-    global REUSE
-    REUSE = bool(args.reuse and args.workdir)
     os.environ.setdefault("TQDM_DISABLE", "1")
-    from rankwise.config import ConfigError, parse_value  # the CLI's own value parsing
+    from rankwise.config import load_config
 
-    user = {}
-    for item in args.overrides:
-        if "=" not in item:
-            raise ConfigError(f"expected key=value, got {item!r}")
-        key, text = item.split("=", 1)
-        user[key.strip()] = parse_value(text)
+    user = typed(args.overrides)  # the CLI's own value parsing
     scale = SCALES[args.scale]
     if args.lrs:
         scale = {**scale, "tuned": {**scale["tuned"], "lrs": [float(x) for x in args.lrs.split(",") if x]}}
-    from rankwise.config import load_config
-
-    load_config(None, [f"{k}={_text(v)}" for k, v in {**scale["base"], **user}.items()])  # bad keys fail now
+    load_config(None, {**scale["base"], **user})  # bad keys fail now
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         work = Path(args.workdir) if args.workdir else Path(stack.enter_context(tempfile.TemporaryDirectory()))
@@ -318,13 +272,14 @@ def main(argv: list[str]) -> int:
             from rankwise.tiny import make_tiny_model_dir
 
             user["model"] = str(make_tiny_model_dir(work / "tiny-model"))
-        if user.get("data", "stdlib-docstrings") == "stdlib-docstrings":
-            user["data"] = _builtin_as_jsonl(work)
+        if user.get("data", "stdlib-docstrings") == "stdlib-docstrings":  # the same split, loaded in ms
+            user["data"] = builtin_jsonl(work / "stdlib-docstrings.jsonl")
         import torch
 
         threads = user.get("threads", scale["base"].get("threads", 0)) or torch.get_num_threads()
         print(f"fast-forward bench, scale {args.scale}, model {user.get('model', 'default')}, {threads} threads")
-        results = run_all(scale, user, work, regimes=regimes, reference=not args.no_reference)
+        reuse = finished_runs(work) if args.reuse and args.workdir else {}
+        results = run_all(scale, user, work, regimes=regimes, reference=not args.no_reference, reuse=reuse)
     report = table(results)
     print(report)
     elapsed = time.perf_counter() - started

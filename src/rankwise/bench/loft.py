@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from rankwise.bench import positive_numbers, proc_kib, register, reset_peak_rss, write_json
+from rankwise.bench._harness import best_per, builtin_jsonl, finished_rows, in_child, run_key
 
 SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
     "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
@@ -27,76 +27,48 @@ SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA swe
 }
 
 
-def _one(overrides: list[str], want_start: bool, desc: str, conn) -> None:
-    """Child process: build the run, train (a progress bar named `desc`), measure; send a dict back."""
+def _one(overrides: list[str], want_start: bool, desc: str) -> dict:
+    """In a child process: build the run, train (a progress bar named `desc`), measure."""
     import torch
     from tqdm.auto import tqdm
 
     from rankwise.config import load_config
+    from rankwise.optim import optimizer_state_bytes
     from rankwise.recipes.train import build_run, train_step
 
-    try:
-        cfg = load_config(None, overrides)
-        run = build_run(cfg, say=lambda *a: None)
-        start_loss = run.test_loss() if want_start else None
-        cuda = run.device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        reset_peak_rss()
-        rss_before = proc_kib("VmRSS") / 1024
-        seconds = []
-        for _ in tqdm(range(cfg.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
-            seconds.append(train_step(run)["seconds"])
-        peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else proc_kib("VmHWM") / 1024
-        state = sum(t.numel() * t.element_size() for s in run.optimizer.state.values()
-                    for t in s.values() if torch.is_tensor(t))
-        conn.send({"eval_loss": run.test_loss(), "eval_loss_start": start_loss,
-                   "step_s": statistics.mean(seconds[1:] or seconds), "peak_mb": peak,
-                   "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
-                   "rss_before_mb": rss_before, "optimizer_state_mb": state / 2 ** 20,
-                   "trainable": sum(p.numel() for p in run.trainable()), "steps": cfg.steps})
-    except BaseException as e:  # report, never hang the parent
-        conn.send({"error": f"{type(e).__name__}: {e}"})
+    cfg = load_config(None, overrides)
+    run = build_run(cfg, say=lambda *a: None)
+    start_loss = run.test_loss() if want_start else None
+    cuda = run.device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reset_peak_rss()
+    rss_before = proc_kib("VmRSS") / 1024
+    seconds = []
+    for _ in tqdm(range(cfg.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
+        seconds.append(train_step(run)["seconds"])
+    peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else proc_kib("VmHWM") / 1024
+    return {"eval_loss": run.test_loss(), "eval_loss_start": start_loss,
+            "step_s": statistics.mean(seconds[1:] or seconds), "peak_mb": peak,
+            "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
+            "rss_before_mb": rss_before, "optimizer_state_mb": optimizer_state_bytes(run.optimizer) / 2 ** 20,
+            "trainable": sum(p.numel() for p in run.trainable()), "steps": cfg.steps}
 
 
-def _in_child(target, *args) -> dict:
-    ctx = multiprocessing.get_context("fork")
-    here, there = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=target, args=(*args, there))
-    proc.start()
-    there.close()
-    try:
-        result = here.recv()
-    except EOFError:  # the child died without a word (killed, out of memory)
-        result = {"error": "the run's process died"}
-    proc.join()
-    return result
-
-
-def _probe_device(name: str, conn) -> None:
-    """Child process: --device resolved, or its one-line error (the parent never touches CUDA: it forks)."""
+def _probe_device(name: str):
+    """In a child process: --device resolved, or its one-line error (the parent never touches CUDA: it forks)."""
     from rankwise.runtime import resolve_device
 
     try:
-        conn.send(str(resolve_device(name)))
+        return str(resolve_device(name))
     except ValueError as e:
-        conn.send({"error": str(e)})
+        return {"error": str(e)}
 
 
-def _make_tiny(path: str, conn) -> None:
+def _make_tiny(path: str) -> str:
     from rankwise.tiny import make_tiny_model_dir
 
-    conn.send(str(make_tiny_model_dir(path)))
-
-
-def _small_data(path: Path, n: int) -> str:
-    """The first n built-in examples as a .jsonl file: the tiny scale's runs then load in a second."""
-    from rankwise.data.stdlib_docstrings import extract
-
-    with path.open("w") as f:
-        for row in extract()[:n]:
-            f.write(json.dumps({"prompt": row["prompt"], "response": row["response"]}) + "\n")
-    return str(path)
+    return str(make_tiny_model_dir(path))
 
 
 def configurations(ranks: list[int], full_lrs: list[float], loft_lrs: list[float], simple_lrs: list[float],
@@ -121,34 +93,32 @@ def configurations(ranks: list[int], full_lrs: list[float], loft_lrs: list[float
 
 def dora_at(rows: list[dict], rank: int, fallback: tuple[float, float]) -> tuple[str, list[str]]:
     """DoRA's label and overrides: the lr and alpha of the best finished LoRA run at `rank` (else `fallback`)."""
-    best = _best([r for r in rows if r["rank"] == rank and "eval_loss" in r], "lora")
+    best = _best([r for r in rows if r["rank"] == rank and "eval_loss" in r]).get("lora")
     if best is None:
         lr, alpha = fallback[0], fallback[1] * rank
-    else:
+    else:  # the row's recorded overrides (maybe from a --reuse'd file): the only place its lr and alpha are
         setting = dict(o.split("=", 1) for o in best["overrides"])
         lr, alpha = float(setting["lr"]), float(setting["alpha"])
     return f"dora lr={lr:g} a={alpha / rank:g}r", ["method=dora", f"rank={rank}", f"lr={lr}", f"alpha={alpha:g}"]
 
 
-def _best(rows: list[dict], kind: str) -> dict | None:
-    """The row of `kind` (lora, loft, loft-simple, dora) with the lowest held-out loss, or None."""
-    runs = [r for r in rows if r["label"].split(" ")[0] == kind]
-    return min(runs, key=lambda r: r["eval_loss"]) if runs else None
+def _best(rows: list[dict]) -> dict[str, dict]:
+    """{kind (full, lora, loft, loft-simple, dora): its row with the lowest held-out loss}."""
+    return best_per(rows, lambda r: r["label"].split(" ")[0], "eval_loss")
 
 
 def summarize(rows: list[dict]) -> list[dict]:
     """Per rank: the best of each sweep (chosen on the held-out set: the same favour for every method), and
     the share of the gap between the best LoRA and full fine-tuning that the best LoFT closes."""
-    best_full = _best([r for r in rows if "eval_loss" in r], "full")
+    best_full = _best([r for r in rows if "eval_loss" in r]).get("full")
     full = best_full and best_full["eval_loss"]
     out = []
     for rank in sorted({r["rank"] for r in rows if r["rank"] is not None}):
-        at = [r for r in rows if r["rank"] == rank and "eval_loss" in r]
+        best = _best([r for r in rows if r["rank"] == rank and "eval_loss" in r])
         line = {"rank": rank, "full": full, "full_label": best_full and best_full["label"]}
         for kind in ("lora", "loft", "loft-simple", "dora"):
-            best = _best(at, kind)
-            line[kind] = best and best["eval_loss"]
-            line[f"{kind}_label"] = best and best["label"]
+            row = best.get(kind)
+            line[kind], line[f"{kind}_label"] = row and row["eval_loss"], row and row["label"]
         lora, loft = line["lora"], line["loft"]
         if full is not None and lora is not None and loft is not None and lora > full:
             line["gap_closed"] = (lora - loft) / (lora - full)
@@ -156,15 +126,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _reusable(path: str | None, common: list[str]) -> dict:
-    """Finished runs of an earlier (partial) result file with the same common settings, by overrides."""
-    if not path or not Path(path).exists():
-        return {}
-    old = json.loads(Path(path).read_text())
-    if old.get("common") != common:
-        raise SystemExit(f"--reuse: {path} was made with other settings ({old.get('common')}); "
-                         "use another --out or drop --reuse")
-    return {json.dumps(r["overrides"]): r for r in old.get("rows", []) if "eval_loss" in r}
+_reusable = finished_rows  # --reuse: the finished runs of an earlier --out file with the same settings
 
 
 def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
@@ -176,7 +138,7 @@ def memory_check(common: list[str], rank: int, steps: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for label, extra in runs.items():
             over = common + extra + [f"steps={steps}", f"out={tmp}/mem-{label}", "eval_examples=8"]
-            rows.append({"label": label, "rank": rank, **_in_child(_one, over, False, f"memory {label} r={rank}")})
+            rows.append({"label": label, "rank": rank, **in_child(_one, over, False, f"memory {label} r={rank}")})
     base = rows[0].get("peak_mb")
     for row in rows:
         if base and "peak_mb" in row:
@@ -262,33 +224,33 @@ def main(argv: list[str]) -> int:
     steps, batch = args.steps or scale["steps"], args.batch_size or scale["batch"]
     memory_rank = scale["memory_rank"] if args.memory_rank is None else args.memory_rank
     import rankwise.recipes.train  # noqa: F401  imported once here; the forked runs inherit it
-    device = _in_child(_probe_device, args.device)
+    device = in_child(_probe_device, args.device)
     if isinstance(device, dict):
         ap.error(device["error"])
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         model = "default"
         if args.scale == "tiny":
-            model = _in_child(_make_tiny, f"{tmp}/tiny-model")
+            model = in_child(_make_tiny, f"{tmp}/tiny-model")
         common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
                   f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
                   f"precision={args.precision}", f"threads={args.threads}", f"seed={args.seed}"]
         if args.device != "auto":  # (auto: the config's default, so earlier --out files stay reusable)
             common.append(f"device={device}")
         if scale["examples"]:
-            common.append(f"data={_small_data(Path(tmp) / 'data.jsonl', scale['examples'])}")
+            common.append(f"data={builtin_jsonl(Path(tmp) / 'data.jsonl', scale['examples'])}")
         settings = [c.replace(tmp, "<tmp>") for c in common] + [f"steps={steps}"]  # what --reuse must match
-        rows, done = [], _reusable(args.out, settings) if args.reuse else {}
+        rows, done = [], finished_rows(args.out, settings) if args.reuse else {}
         if not args.skip_quality:
             methods = set(args.methods.split(","))
             runs = [c for c in configurations(ranks, lrs, loft_lrs, simple_lrs, sweep) if c[0].split(" ")[0] in methods]
             for i, (label, rank, extra) in enumerate(runs):
                 if extra is None:
                     label, extra = dora_at(rows, rank, sweep[0])
-                result = done.get(json.dumps(extra))
+                result = done.get(run_key(extra))
                 if result is None:
                     over = common + extra + [f"steps={steps}", f"out={tmp}/run-{i}"]
-                    result = _in_child(_one, over, i == 0, f"[{i + 1}/{len(runs)}] {label} r={rank}")
+                    result = in_child(_one, over, i == 0, f"[{i + 1}/{len(runs)}] {label} r={rank}")
                 rows.append({**result, "label": label, "rank": rank, "overrides": extra})
                 print(f"[{time.time() - started:6.0f}s] {label} r={rank}: "
                       + (result.get("error") or f"held-out {result['eval_loss']:.4f}"), flush=True)

@@ -24,15 +24,12 @@ the adapter's exact shapes: the size does not depend on the values).
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from rankwise.bench import proc_kib, register, reset_peak_rss, trim_heap, write_json
+from rankwise.bench._harness import in_child
 
 VARIANTS = ("lora", "peft-lora-fa", "lora-fa")
 MIB = 2**20
@@ -111,6 +108,7 @@ def worker(spec: dict) -> dict:
     from rankwise import runtime
     from rankwise.config import Config
     from rankwise.models import load_model
+    from rankwise.optim import optimizer_state_bytes
     from rankwise.train.loss import token_loss_sum
 
     torch.set_num_threads(spec["threads"])
@@ -161,15 +159,13 @@ def worker(spec: dict) -> dict:
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     peak = torch.cuda.max_memory_allocated() // 1024 if cuda else proc_kib("VmHWM")
-    state = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
-                if torch.is_tensor(t) and t.dim() > 0)
     return {**spec, "loss": loss, "seconds": seconds,
             "trainable": sum(p.numel() for p in params),
             "weights_mib": sum(p.numel() * p.element_size() for p in model.parameters()) / MIB,
             "peak_mib": peak / 1024, "before_mib": before / 1024,
             "process_start_mib": rss_start / 1024 if not cuda else 0.0,
             "held_mib": (held[0] - before) / 1024, "saved_mib": saved.total / MIB,
-            "optimizer_state_mib": state / MIB}
+            "optimizer_state_mib": optimizer_state_bytes(optimizer) / MIB}
 
 
 class _null:
@@ -181,12 +177,12 @@ class _null:
 
 
 def _run_worker(spec: dict) -> dict:
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", TOKENIZERS_PARALLELISM="false")
-    code = "import json,sys; from rankwise.bench.memory import worker; print(json.dumps(worker(json.loads(sys.argv[1]))))"
-    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"worker {spec['variant']} r={spec['rank']} failed:\n{done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """One worker in a fresh interpreter: glibc reads MALLOC_MMAP_THRESHOLD_ only when a process starts."""
+    row = in_child(worker, spec, fresh=True,
+                   env={"MALLOC_MMAP_THRESHOLD_": "131072", "TOKENIZERS_PARALLELISM": "false"})
+    if "error" in row:
+        raise RuntimeError(f"worker {spec['variant']} r={spec['rank']} failed:\n{row['error']}")
+    return row
 
 
 def _memory_table(rows: list[dict]) -> str:

@@ -14,7 +14,6 @@ import argparse
 import dataclasses
 import datetime
 import gc
-import multiprocessing
 import os
 import platform
 import resource
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import optimizers_finetune as finetune
-from rankwise.bench import positive_numbers, register, write_json
+from rankwise.bench import positive_numbers, proc_kib, register, write_json
+from rankwise.bench._harness import best_per, in_child
 from rankwise.recipes.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
 OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
@@ -81,22 +81,12 @@ def parse_grid(text: str, what: str, known: tuple[str, ...] = OPTIMIZERS) -> dic
     return grid
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _child(fn, args, conn) -> None:
-    try:
-        start = _rss_bytes()
-        summary = fn(*args)
-        # a forked child's high-water mark starts at its RSS at fork: the growth is this run's peak
-        summary["peak_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
-        conn.send(summary)
-    except BaseException as e:  # report, never hang the parent
-        conn.send({"error": f"{type(e).__name__}: {e}"})
-    finally:
-        conn.close()
+def _with_peak_growth(fn, *args) -> dict:
+    """fn(*args)'s summary plus the peak RSS it added: a forked child's high-water mark starts at its RSS at fork."""
+    start = proc_kib("VmRSS") * 1024
+    summary = fn(*args)
+    summary["peak_rss_growth_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - start
+    return summary
 
 
 def isolated(fn, *args) -> dict:
@@ -104,12 +94,7 @@ def isolated(fn, *args) -> dict:
     if not Path("/proc/self/statm").exists() or torch.cuda.is_available():
         gc.collect()  # an earlier run's leftovers out of this one's CUDA peak (max_memory_allocated)
         return fn(*args)
-    ctx = multiprocessing.get_context("fork")
-    receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(fn, args, send))
-    child.start()
-    summary = receive.recv()
-    child.join()
+    summary = in_child(_with_peak_growth, fn, *args)
     if "error" in summary:
         raise RuntimeError(summary["error"])
     return summary
@@ -121,11 +106,8 @@ def _pretrain(cfg: PretrainConfig) -> dict:
 
 
 def best_per_optimizer(rows: list[dict]) -> dict[str, dict]:
-    best = {}
-    for row in rows:
-        if row["optimizer"] not in best or row["val_loss"] < best[row["optimizer"]]["val_loss"]:
-            best[row["optimizer"]] = row
-    return best
+    """{optimizer: its run with the lowest validation loss}."""
+    return best_per(rows, "optimizer", "val_loss")
 
 
 def verdict(best: dict[str, dict]) -> dict:

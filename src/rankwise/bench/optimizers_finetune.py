@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from rankwise.bench import write_json
+from rankwise.bench._harness import best_per, layered, typed
 from rankwise.optim import optimizer_state_bytes
 
 METHODS = ("lora", "lorapre", "lorapre-muon")
@@ -38,7 +39,7 @@ def method_overrides(method: str, rank: int) -> list[str]:
             "betas=[0.9,0.95]"]
 
 
-def _finetune(overrides: list[str]) -> dict:
+def _finetune(overrides: dict) -> dict:
     import torch
 
     from rankwise.config import load_config
@@ -63,24 +64,21 @@ def _finetune(overrides: list[str]) -> dict:
 
 
 def best_per_method(rows: list[dict]) -> dict[str, dict]:
-    best = {}
-    for row in rows:
-        if row["label"] not in best or row["eval_loss"] < best[row["label"]]["eval_loss"]:
-            best[row["label"]] = row
-    return best
+    """{method: its run with the lowest held-out loss}."""
+    return best_per(rows, "label", "eval_loss")
 
 
 def run_all(scale: dict, workdir: Path, threads: int, model: str, out: str | None, isolated,
             device: str = "auto") -> list[dict]:
-    common = [f"device={device}", f"model={model}", f"steps={scale['steps']}",
-              f"batch_size={scale['batch_size']}",
-              f"max_length={scale['max_length']}", f"eval_examples={scale['eval_examples']}", "eval_every=0",
-              "sample=false", "count_flops=false", f"precision={scale['precision']}", f"threads={threads}",
-              "overwrite=true", "warmup_steps=2", "seed=0"]
+    common = {"device": device, "model": model, "steps": scale["steps"], "batch_size": scale["batch_size"],
+              "max_length": scale["max_length"], "eval_examples": scale["eval_examples"], "eval_every": 0,
+              "sample": False, "count_flops": False, "precision": scale["precision"], "threads": threads,
+              "overwrite": True, "warmup_steps": 2, "seed": 0}
     rows = []
     for method, lrs in scale["lrs"].items():
         for lr in lrs:
-            over = common + method_overrides(method, scale["rank"]) + [f"lr={lr}", f"out={workdir / f'{method}-lr{lr:g}'}"]
+            over = layered(common, typed(method_overrides(method, scale["rank"])),
+                           {"lr": lr, "out": str(workdir / f"{method}-lr{lr:g}")})
             row = {"label": method, **isolated(_finetune, over)}
             rows.append(row)
             print(f"finetune {method:<12} rank {row['rank']:>3} lr {lr:<7g} eval loss {row['eval_loss_start']:.4f} -> "

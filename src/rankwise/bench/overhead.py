@@ -33,22 +33,23 @@ import torch.nn.functional as F
 
 from rankwise import runtime
 from rankwise.bench import register, training_batches, write_json
+from rankwise.bench._harness import layered, typed
 from rankwise.config import load_config
 
 WARMUP_STEPS = 3  # excluded from the medians (allocator, thread pool, FLOP fitting's first counts)
 VARIANTS = {  # name -> overrides on top of the bench's config; "minimal" is the hand-written loop
-    "minimal": [],
-    "rankwise": ["count_flops=false"],
-    "flops": ["count_flops=true"],
-    "loft": ["optimizer=loft", "count_flops=false"],
-    "lorapre": ["method=full", "optimizer=lorapre", "count_flops=false"],
-    "lorapre-muon": ["method=full", "optimizer=lorapre-muon", "count_flops=false"],
-    "full": ["method=full", "count_flops=false"],
+    "minimal": {},
+    "rankwise": {"count_flops": False},
+    "flops": {"count_flops": True},
+    "loft": {"optimizer": "loft", "count_flops": False},
+    "lorapre": {"method": "full", "optimizer": "lorapre", "count_flops": False},
+    "lorapre-muon": {"method": "full", "optimizer": "lorapre-muon", "count_flops": False},
+    "full": {"method": "full", "count_flops": False},
 }
 RATIOS = {"rankwise/minimal": ("rankwise", "minimal"), "flops/rankwise": ("flops", "rankwise"),
           "loft/rankwise": ("loft", "rankwise"), "lorapre/rankwise": ("lorapre", "rankwise"),
           "lorapre-muon/rankwise": ("lorapre-muon", "rankwise"), "full/rankwise": ("full", "rankwise")}
-SCALES = {"tiny": ["batch_size=8", "precision=fp32"], "default": []}
+SCALES = {"tiny": {"batch_size": 8, "precision": "fp32"}, "default": {}}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -166,21 +167,22 @@ def main(argv: list[str]) -> int:
     if steps <= WARMUP_STEPS or ns.repeats < 1:
         p.error(f"--steps must be > {WARMUP_STEPS} and --repeats >= 1")
 
+    user = typed(ns.overrides)
     times: dict[str, list[list[float]]] = {v: [] for v in variants}
     ops: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = ["sample=false", "eval_every=0", f"device={ns.device}", f"steps={steps}"] + SCALES[ns.scale]
+        base = {"sample": False, "eval_every": 0, "device": ns.device, "steps": steps, **SCALES[ns.scale]}
         if ns.scale == "tiny":
             from rankwise.tiny import make_tiny_model_dir
 
-            base.append(f"model={make_tiny_model_dir(tmp / 'tiny')}")
-        cfg = load_config(None, base + list(ns.overrides) + [f"out={tmp / 'probe'}"])
+            base["model"] = str(make_tiny_model_dir(tmp / "tiny"))
+        cfg = load_config(None, layered(base, user, {"out": str(tmp / "probe")}))
         batches = training_batches(cfg, steps)
         for r in range(ns.repeats):
             steppers = {}
             for name in variants:  # every variant built first, then stepped in turn on the same batch
-                run_cfg = load_config(None, base + VARIANTS[name] + list(ns.overrides) + [f"out={tmp / f'{name}{r}'}"])
+                run_cfg = load_config(None, layered(base, VARIANTS[name], user, {"out": str(tmp / f"{name}{r}")}))
                 steppers[name] = (_minimal_stepper if name == "minimal" else _rankwise_stepper)(run_cfg)
                 times[name].append([])
             for i, batch in enumerate(batches):

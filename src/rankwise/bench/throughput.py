@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import register, training_batches, write_json
+from rankwise.bench._harness import layered, typed
 from rankwise.config import load_config
 
 WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
@@ -122,19 +123,20 @@ def main(argv: list[str]) -> int:
         device = str(resolve_device(ns.device))
     except ValueError as e:
         p.error(str(e))
+    user = typed(ns.overrides)
     timed = {"rankwise": [], "trainer": []}  # seconds of the timed steps, per repeat
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = ["sample=false", "eval_every=0", f"device={device}"]
+        base = {"sample": False, "eval_every": 0, "device": device}
         if ns.scale == "tiny":
             from rankwise.tiny import make_tiny_model_dir
 
-            base += [f"model={make_tiny_model_dir(tmp / 'tiny')}", "batch_size=8", "precision=fp32"]
+            base.update(model=str(make_tiny_model_dir(tmp / "tiny")), batch_size=8, precision="fp32")
         steps = ns.steps or (30 if ns.scale == "tiny" else 8)
         results = {"rankwise": [], "trainer": []}
         for r in range(ns.repeats):
-            cfg = load_config(None, base + list(ns.overrides) + [f"steps={steps}", f"out={tmp / f'run{r}'}"])
+            cfg = load_config(None, layered(base, user, {"steps": steps, "out": str(tmp / f"run{r}")}))
             batches = training_batches(cfg, steps)
             order = ("rankwise", "trainer") if r % 2 == 0 else ("trainer", "rankwise")
             for side in order:
