@@ -2,26 +2,63 @@
 
 Each record goes to the file in one unbuffered write, so a killed run leaves whole lines (at worst one
 cut-off last line, which readers skip); a write that fails (full disk) is undone and raised as OSError.
+With report_to=[tensorboard] every record is also written as TensorBoard scalars in <out>/tensorboard/;
+metrics.jsonl stays the record, the event files are a view of it.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
 
+from rankwise.config import ConfigError
 from rankwise.train.checkpoint import atomic_write_text
+
+REPORTERS = ("tensorboard",)  # where records go besides metrics.jsonl (config key report_to)
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Refuse, in one line, a reporter that is unknown or whose package is not installed."""
+    for name in report_to:
+        if name not in REPORTERS:
+            raise ConfigError(f"unknown report_to value {name!r}; choose from: {', '.join(REPORTERS)}")
+    if "tensorboard" in report_to and not _installed("tensorboard"):
+        raise ConfigError("report_to=tensorboard needs the tensorboard package: pip install tensorboard "
+                          "(or pip install -e '.[tensorboard]')")
+
+
+def _installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 class MetricsLog:
-    """Append-only JSONL log. Each record has a "kind": train, eval, or whatever a hook logs."""
+    """Append-only JSONL log. Each record has a "kind": train, eval, or whatever a hook logs.
 
-    def __init__(self, path: Path, truncate_after_step: int | None = None):
+    `header` is written first when the log starts empty (a new run: e.g. the model's parameter counts);
+    `report_to` names the REPORTERS that get every record too.
+    """
+
+    def __init__(self, path: Path, truncate_after_step: int | None = None, report_to: list[str] = (),
+                 header: dict | None = None):
         self.path = Path(path)
+        check_report_to(report_to)
         if truncate_after_step is not None and self.path.exists():
             # on resume, forget what the interrupted run logged after its checkpoint (swapped in whole)
             kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= truncate_after_step]
             atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        fresh = os.fstat(self._fd).st_size == 0
+        self._board = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # TensorBoard drops earlier event files' steps >= purge_step: what the log forgot, or all of a
+            # replaced run's; a log appended to as it is keeps them
+            purge = truncate_after_step + 1 if truncate_after_step is not None else 0 if fresh else None
+            self._board = SummaryWriter(self.path.parent / "tensorboard", purge_step=purge)
+        if header is not None and fresh:
+            self.write(header)
 
     def write(self, record: dict) -> None:
         data = memoryview((json.dumps(record) + "\n").encode())
@@ -32,11 +69,29 @@ class MetricsLog:
         except OSError as e:
             os.ftruncate(self._fd, size)  # no half line: the log stays valid JSONL
             raise OSError(e.errno, f"could not append to {self.path}: {e.strerror}") from None
+        if self._board is not None:
+            step = record.get("step", 0)
+            fields = {k: v for k, v in record.items() if k not in ("kind", "step")}
+            for tag, value in _scalars(record.get("kind", "record"), fields):
+                self._board.add_scalar(tag, value, global_step=step)
 
     def close(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
+        if self._board is not None:
+            self._board.close()
+            self._board = None
+
+
+def _scalars(prefix: str, values: dict):
+    """(tag, value) for every number, tagged "<kind>/<key>"; booleans count as 0/1, nested mappings
+    extend the tag, text and lists are left to metrics.jsonl."""
+    for key, value in values.items():
+        if isinstance(value, dict):
+            yield from _scalars(f"{prefix}/{key}", value)
+        elif isinstance(value, (bool, int, float)):
+            yield f"{prefix}/{key}", float(value)
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -74,7 +129,15 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    save_png(fig, path)
+
+
+def save_png(fig, path: Path) -> None:
+    """Write a matplotlib figure as a PNG under a temporary name, then rename it: never a half image."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     tmp.replace(path)
