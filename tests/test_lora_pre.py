@@ -5,6 +5,7 @@ and a resumed optimizer continues exactly."""
 from __future__ import annotations
 
 import copy
+import functools
 import io
 import math
 
@@ -113,6 +114,7 @@ def test_low_rank_first_moment_converges_to_the_ema_from_its_initialisation():
     assert errors[-1] < 1e-4 < 1e-2 < errors[0]
 
 
+@functools.cache
 def _tracking_errors(cls, scale, steps=150):
     """Relative error of the factored momentum against the true one after each of `steps` steps with the
     default delta, gradients scale * U c V^T (U, V orthonormal); the draws are the same at every scale."""
@@ -131,7 +133,7 @@ def _tracking_errors(cls, scale, steps=150):
         momentum = 0.9 * momentum + 0.1 * g if cls is LoRAPreAdam else 0.95 * momentum + g
         state = opt.state[weight]
         errors.append(float((state["m_B"] @ state["m_A"] - momentum).norm() / momentum.norm()))
-    return errors
+    return tuple(errors)
 
 
 @pytest.mark.parametrize("cls, floor", [(LoRAPreAdam, 1e-4), (LoRAPreMuon, 3e-3)])
@@ -141,6 +143,83 @@ def test_momentum_tracks_the_ema_alike_at_small_gradient_scales(cls, floor, scal
     unit, small = _tracking_errors(cls, 1.0), _tracking_errors(cls, scale)
     assert small[-1] < floor and unit[-1] < floor
     assert max(abs(a - b) / a for a, b in zip(unit, small)) < 0.05  # the same path, not just the same end
+
+
+# ---- the parameter update against a plain full-matrix reference (the spec's equations) ---------------
+def _newton_schulz_reference(G, steps=5):
+    """Muon's quintic iteration X <- a X + b (X X^T) X + c (X X^T)^2 X from X = G / ||G||_F, any shape."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G / (G.norm() + 1e-7)
+    for _ in range(steps):
+        S = X @ X.T
+        X = a * X + (b * S + c * S @ S) @ X
+    return X
+
+
+class _PlainReference:
+    """LoRA-Pre's update with full p x q moments in float64: Adam (m, and u = the EMA of |g| that v_B v_A
+    track, v = beta2 u^2 + (1 - beta2) g^2) or Muon (heavy-ball m, Nesterov, Newton-Schulz, RMS match)."""
+
+    def __init__(self, cls, shape, lr, kw):
+        self.adam, self.lr, self.kw, self.t = cls is LoRAPreAdam, lr, kw, 0
+        self.m, self.u = torch.zeros(shape, dtype=torch.float64), torch.zeros(shape, dtype=torch.float64)
+
+    def step(self, theta, g):
+        kw, self.t = self.kw, self.t + 1
+        if self.adam:
+            beta1, beta2 = kw.get("betas", (0.9, 0.95))
+            v = beta2 * self.u ** 2 + (1 - beta2) * g ** 2
+            self.m = beta1 * self.m + (1 - beta1) * g
+            self.u = math.sqrt(beta2) * self.u + (1 - math.sqrt(beta2)) * g.abs()
+            update = (self.m / (1 - beta1 ** self.t)) / ((v / (1 - beta2 ** self.t)).sqrt() + kw.get("eps", 1e-8))
+        else:
+            mu = kw.get("momentum", 0.95)
+            self.m = mu * self.m + g
+            direction = g + mu * self.m if kw.get("nesterov", True) else self.m
+            update = 0.2 * math.sqrt(max(g.shape)) * _newton_schulz_reference(direction, kw.get("ns_steps", 5))
+        return theta * (1 - self.lr * kw.get("weight_decay", 0.0)) - self.lr * kw.get("scale", 1.0) * update
+
+
+UPDATE_CASES = [(LoRAPreAdam, {"weight_decay": 0.1, "scale": 0.5}), (LoRAPreAdam, {"betas": (0.8, 0.9)}),
+                (LoRAPreMuon, {"weight_decay": 0.1, "scale": 0.5}), (LoRAPreMuon, {"nesterov": False, "momentum": 0.9})]
+
+
+@pytest.mark.parametrize("cls, kw", UPDATE_CASES)
+def test_update_at_full_rank_is_the_plain_full_matrix_update(cls, kw, monkeypatch):
+    import rankwise.optim.lora_pre as lora_pre
+
+    # rank = n on an n x n weight: both factors square and invertible, so the factored momentum is the true
+    # one and every step must equal the plain update (the optimizer itself gives rank >= min(p, q) to AdamW)
+    monkeypatch.setattr(lora_pre, "_low_rank", lambda p, group: group["rank"] > 0 and p.ndim == 2)
+    n, lr = 6, 1e-2
+    gen = torch.Generator().manual_seed(4)
+    center = 2 * torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=torch.float64))[0]
+    weight = torch.nn.Parameter(torch.randn(n, n, generator=gen))
+    # delta negligible: this pins the update; the damping has its own tests
+    opt = cls([{"params": [weight], "rank": n}], lr=lr, delta=1e-10, **kw)
+    reference = _PlainReference(cls, (n, n), lr, kw)
+    tolerance = (2e-3 if cls is LoRAPreAdam else 2e-4) * lr * kw.get("scale", 1.0)  # fp32 factors
+    for _ in range(8):
+        g = center + torch.randn(n, n, generator=gen, dtype=torch.float64)  # entries change sign step to step
+        expected = reference.step(weight.detach().double(), g)
+        weight.grad = g.float()
+        opt.step()
+        assert (weight.detach().double() - expected).abs().max() < tolerance
+
+
+@pytest.mark.parametrize("cls, kw", UPDATE_CASES)
+@pytest.mark.parametrize("shape", [(10, 4), (4, 10)])
+def test_first_step_on_a_non_square_weight_is_the_plain_update(cls, kw, shape):
+    # the history starts at zero, so the first step is exact at any rank: it pins the tall and wide
+    # Newton-Schulz paths and the 0.2 sqrt(max(p, q)) RMS match that a square weight cannot tell apart
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.nn.Parameter(torch.randn(shape, generator=gen))
+    g = torch.randn(shape, generator=gen, dtype=torch.float64)
+    opt = cls([{"params": [weight], "rank": 2}], lr=1e-2, **kw)
+    expected = _PlainReference(cls, shape, 1e-2, kw).step(weight.detach().double(), g)
+    weight.grad = g.float()
+    opt.step()
+    torch.testing.assert_close(weight.detach().double(), expected, rtol=0, atol=1e-6)
 
 
 

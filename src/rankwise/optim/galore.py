@@ -14,7 +14,8 @@ import types
 from dataclasses import dataclass
 
 from rankwise.optim import OptimizerSpec, register
-from rankwise.optim.lora_pre import FULL_WEIGHTS, lora_pre_groups
+from rankwise.optim.lora_pre import FULL_WEIGHTS
+from rankwise.optim.lowrank import low_rank_groups
 from rankwise.options import POSITIVE, POSITIVE_INT, check, one_of
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")  # galore_torch's GaLoreProjector
@@ -42,7 +43,7 @@ class GaLoreOptions:
     """optimizer_args of optimizer=galore (defaults: the galore-torch README's)."""
 
     rank: int | None = None  # projection rank (default: the run's rank)
-    targets: str | list[str] | None = None  # see rankwise.optim.lora_pre_groups
+    targets: str | list[str] | None = None  # see rankwise.optim.low_rank_groups
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
@@ -56,7 +57,7 @@ class GaLoreOptions:
 
 def _build(model, spec: OptimizerSpec):
     o = spec.options
-    low, rest = lora_pre_groups(model, o.rank or spec.rank, o.targets)
+    low, rest = low_rank_groups(model, o.rank or spec.rank, o.targets)
     low.update(update_proj_gap=o.update_proj_gap, scale=float(o.scale), proj_type=o.proj_type)
     del rest["rank"]  # GaLoreAdamW projects every group that has a "rank" key
     return galore_adamw_class()([low, rest], lr=spec.lr, betas=spec.betas, weight_decay=spec.weight_decay,

@@ -24,8 +24,9 @@ from torch import nn
 from rankwise.optim import OptimizerSpec, closure_loss, register
 from rankwise.options import NON_NEGATIVE, POSITIVE, POSITIVE_INT, check, one_of, set_fields
 from rankwise.optim.batched import StackedState, adamw_, batches
+from rankwise.optim.lowrank import low_rank_groups
 
-__all__ = ["LoRAPreAdam", "lora_pre_groups", "advance_factors", "optimizer_state_bytes"]
+__all__ = ["LoRAPreAdam", "advance_factors"]
 
 
 def advance_factors(B: torch.Tensor, A: torch.Tensor, target: torch.Tensor, gamma: float, delta: float) -> None:
@@ -87,8 +88,8 @@ class _LowRankOptimizer(torch.optim.Optimizer):
 
     @classmethod
     def for_model(cls, model: nn.Module, rank: int = 16, targets=None, rest: str = "adamw", **kwargs):
-        """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see lora_pre_groups)."""
-        return cls(lora_pre_groups(model, rank, targets, rest), **kwargs)
+        """Low-rank state for the decoder blocks' Linear weights, AdamW for the rest (see low_rank_groups)."""
+        return cls(low_rank_groups(model, rank, targets, rest), **kwargs)
 
     def _init_factors(self, p: torch.Tensor, group: dict, names: tuple[str, ...]) -> dict:
         rows, cols = p.shape
@@ -181,68 +182,6 @@ class LoRAPreAdam(_LowRankOptimizer):
         _apply(params, m.div_(v.sqrt_().add_(group["eps"])), group, group["scale"])
 
 
-def lora_pre_groups(model: nn.Module, rank: int, targets=None, rest: str = "adamw") -> list[dict]:
-    """Split a model's trainable parameters into a low-rank group and a plain AdamW group.
-
-    targets=None picks every nn.Linear weight inside the decoder blocks (attention and MLP projections),
-    never the input embedding or the output head (tied or not). A list of name fragments (e.g.
-    ["q_proj", "v_proj"]) or the string "all-linear" overrides the choice. rest="frozen" instead sets
-    requires_grad=False on every other parameter (fine-tuning with no full-size optimizer state at all).
-    """
-    if rest not in ("adamw", "frozen"):
-        raise ValueError(f"rest must be 'adamw' or 'frozen', got {rest!r}")
-    if isinstance(targets, str) and targets != "all-linear":
-        targets = [t for t in targets.split(",") if t]
-    skip = set()
-    for get in ("get_input_embeddings", "get_output_embeddings"):
-        module = getattr(model, get, lambda: None)()
-        if module is not None and getattr(module, "weight", None) is not None:
-            skip.add(id(module.weight))
-    chosen = []
-    for name, module in model.named_modules():
-        weight = getattr(module, "weight", None)
-        if not isinstance(module, nn.Linear) or weight is None or not weight.requires_grad or id(weight) in skip:
-            continue
-        if targets in (None, "all-linear") or any(t in name for t in targets):
-            chosen.append(weight)
-    if not chosen:
-        raise ValueError(f"no Linear weight matched targets={targets!r} for low-rank optimizer state")
-    picked = {id(w) for w in chosen}
-    others = [p for p in model.parameters() if p.requires_grad and id(p) not in picked]
-    if rest == "frozen":
-        for p in others:
-            p.requires_grad_(False)
-        others = []
-    return [{"params": chosen, "rank": rank}, {"params": others, "rank": 0}]
-
-
-def optimizer_state_bytes(optimizer: torch.optim.Optimizer, params=None) -> int:
-    """Bytes held in an optimizer's per-parameter state tensors (also tensors on state objects, e.g.
-    GaLore's projector matrix), for all parameters or only `params`; transient step buffers not included."""
-    seen, total = set(), 0
-
-    def count(value, depth=0):
-        nonlocal total
-        if torch.is_tensor(value):
-            if value.data_ptr() not in seen:
-                seen.add(value.data_ptr())
-                total += value.numel() * value.element_size()
-        elif isinstance(value, dict):
-            for v in value.values():
-                count(v, depth + 1)
-        elif isinstance(value, (list, tuple)):
-            for v in value:
-                count(v, depth + 1)
-        elif depth < 3 and hasattr(value, "__dict__"):
-            count(vars(value), depth + 1)
-
-    chosen = None if params is None else {id(p) for p in params}
-    for p, state in optimizer.state.items():
-        if chosen is None or id(p) in chosen:
-            count(state)
-    return total
-
-
 # ---- recipe registration: optimizer=lorapre -----------------------------------------------------
 def _targets(v) -> bool:
     return isinstance(v, str) or isinstance(v, list) and all(isinstance(t, str) for t in v)
@@ -253,7 +192,7 @@ class LoRAPreOptions:
     """optimizer_args of optimizer=lorapre; unset ones take the optimizer's defaults."""
 
     rank: int | None = None  # rank of the momentum factors (default: the run's rank)
-    targets: str | list[str] | None = None  # which Linear weights get low-rank state (see lora_pre_groups)
+    targets: str | list[str] | None = None  # which Linear weights get low-rank state (see low_rank_groups)
     rest: str = "adamw"  # the other trainable tensors: adamw | frozen
     delta: float | None = None
     scale: float | None = None

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from rankwise import runtime
 from rankwise.config import ConfigError, coerce, parse_value
-from rankwise.optim import OptimizerSpec, get_optimizer, lora_pre_groups, optimizer_state_bytes
+from rankwise.optim import OptimizerSpec, get_optimizer, low_rank_groups, optimizer_state_bytes
 from rankwise.train.checkpoint import atomic_dir, atomic_write_text
 from rankwise.train.metrics import MetricsLog
 from rankwise.train.schedule import build_scheduler
@@ -283,7 +283,7 @@ def run(cfg: PretrainConfig, say=print) -> dict:
                "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
                "train_loss": loss, "params": n_params, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                # the attention / MLP matrices only: where low-rank state differs from Adam's
-               "matrix_state_bytes": optimizer_state_bytes(optimizer, lora_pre_groups(model, 1)[0]["params"]),
+               "matrix_state_bytes": optimizer_state_bytes(optimizer, low_rank_groups(model, 1)[0]["params"]),
                "tokens": tokens, "train_seconds": seconds,
                "peak_cuda_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
     if cfg.save and not diverged:
