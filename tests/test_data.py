@@ -17,10 +17,12 @@ def tok(tiny_model_dir):
 
 def test_builtin_dataset_is_deterministic_and_disjoint():
     a, b = load_splits("stdlib-docstrings"), load_splits("stdlib-docstrings")
-    assert len(a.tiny) == 32 and len(a.test) == 256 and len(a.train) > 3000
-    assert a.train[:5] == b.train[:5] and a.test == b.test
+    assert len(a.tiny) == 32 and len(a.test) == 192 and len(a.validation) == 64 and len(a.train) > 3000
+    assert a.train[:5] == b.train[:5] and a.test == b.test and a.validation == b.validation
     prompts = lambda xs: {x["messages"][0]["content"] for x in xs}  # noqa: E731
     assert not prompts(a.train) & prompts(a.test) and not prompts(a.tiny) & prompts(a.test)
+    held = [a.train, a.tiny, a.test, a.validation]  # selection never sees what results are reported on
+    assert all(not prompts(x) & prompts(y) for i, x in enumerate(held) for y in held[i + 1:])
 
 
 def test_docstring_is_removed_from_prompt():
@@ -51,7 +53,7 @@ def test_jsonl_prompt_response_and_messages(tmp_path):
              for i in range(30)]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     s = load_splits(str(path))
-    assert len(s.train) + len(s.tiny) + len(s.test) == 60
+    assert len(s.train) + len(s.tiny) + len(s.test) + len(s.validation) == 60 and len(s.validation) == 1
 
 
 @pytest.mark.parametrize("line, message", [
@@ -92,7 +94,11 @@ def test_hf_datasets_directory(tmp_path):
     test = datasets.Dataset.from_list([{"prompt": f"t{i}", "response": "x"} for i in range(5)])
     datasets.DatasetDict({"train": train, "test": test}).save_to_disk(tmp_path / "ds")
     s = load_splits(str(tmp_path / "ds"))
-    assert len(s.test) == 5 and len(s.tiny) + len(s.train) == 40
+    assert len(s.test) == 5 and len(s.tiny) + len(s.train) == 40 and s.validation == []
+    datasets.DatasetDict({"train": train, "test": test, "validation": test.select(range(2))}).save_to_disk(
+        tmp_path / "ds2")
+    s = load_splits(str(tmp_path / "ds2"))
+    assert len(s.test) == 5 and [r["messages"][0]["content"] for r in s.validation] == ["t0", "t1"]
 
 
 def test_too_few_examples():

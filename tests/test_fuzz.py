@@ -384,7 +384,7 @@ def test_any_jsonl_gives_splits_or_names_its_bad_line(tmp_path_factory, example)
         return
     event("accepted")
     assert first_bad is None
-    assert len(splits.train) + len(splits.tiny) + len(splits.test) == records
+    assert len(splits.train) + len(splits.tiny) + len(splits.test) + len(splits.validation) == records
     assert splits.train and splits.tiny and splits.test
 
 

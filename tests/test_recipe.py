@@ -162,3 +162,22 @@ def test_training_with_packing_logs_less_padding(tiny_cfg, tmp_path):
         train(tiny_cfg(out=str(out), steps=3, eval_every=0, batch_size=8, packing=packing), say=lambda *_: None)
         shares[packing] = [r["padding"] for r in read_metrics(out / "metrics.jsonl") if r["kind"] == "train"]
     assert all(p < u for p, u in zip(shares[True], shares[False])), shares
+
+
+def test_validation_loss_is_scored_on_the_validation_split(tiny_cfg):
+    """validation_examples=N scores the first N validation examples at the end: the same number a
+    hand-computed mean over those examples gives, and not the test loss."""
+    import contextlib
+
+    from rankwise.generate import load_for_inference
+    from rankwise.train.loss import TokenLoss, mean_loss, to_device
+
+    cfg = tiny_cfg(steps=2, eval_every=0, validation_examples=8)
+    summary = train(cfg, say=lambda *a: None)
+    model, tok = load_for_inference(cfg.model, summary["checkpoint"])
+    items = encode_all(tok, load_splits(cfg.data).validation[:8], cfg.max_length)
+    batches = [to_device(collate(items[i:i + cfg.batch_size], tok.pad_token_id), torch.device("cpu"))
+               for i in range(0, len(items), cfg.batch_size)]
+    expected = mean_loss(TokenLoss(model), batches, contextlib.nullcontext)
+    assert summary["validation_loss"] == pytest.approx(expected, rel=1e-5)
+    assert summary["validation_loss"] != pytest.approx(summary["eval_loss"], rel=1e-6)

@@ -51,6 +51,7 @@ class Config:
     clip: float = 1.0  # max gradient norm; 0 disables clipping
     eval_every: int = 10  # optimizer steps between held-out evaluations; 0 = start and end only
     eval_examples: int = 64  # held-out test examples used for evaluation
+    validation_examples: int = 0  # validation examples scored at the end (settings are chosen on these, not on test); 0 = off
     eval_generate: int = 0  # held-out examples answered greedily at the end, scored by ROUGE-L F1; 0 = off
     save_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     seed: int = 0

@@ -45,7 +45,8 @@ def validate(cfg: Config) -> Plan:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.lr <= 0:
         raise ConfigError(f"lr must be positive, got {cfg.lr}")
-    for key in ("warmup_steps", "eval_every", "save_every", "threads", "weight_decay", "clip", "eval_generate"):
+    for key in ("warmup_steps", "eval_every", "save_every", "threads", "weight_decay", "clip", "eval_generate",
+                "validation_examples"):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if not all(0.0 <= b < 1.0 for b in cfg.betas):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rankwise.config import BUILTIN_DATA, ConfigError
@@ -25,7 +25,8 @@ class DataError(ValueError):
 class Splits:
     train: list[dict]
     tiny: list[dict]
-    test: list[dict]
+    test: list[dict]  # what results are reported on
+    validation: list[dict] = field(default_factory=list)  # what settings are chosen on (never the test set)
 
 
 def check_data(data: str) -> None:
@@ -121,8 +122,11 @@ def split(examples: list[dict], test_size: int | None = None) -> Splits:
     tiny_size = min(TINY_SIZE, max(1, n // 10))
     if n < test_size + tiny_size + 1:
         raise DataError(f"only {n} examples: need at least {test_size + tiny_size + 1} (test, tiny and train)")
-    return Splits(test=ordered[:test_size], tiny=ordered[test_size:test_size + tiny_size],
-                  train=ordered[test_size + tiny_size:])
+    # validation: the last quarter of the held-out block, so train and tiny stay as they were and the test
+    # set keeps its first examples (every evaluation reads a prefix of it)
+    kept = test_size - test_size // 4
+    return Splits(test=ordered[:kept], validation=ordered[kept:test_size],
+                  tiny=ordered[test_size:test_size + tiny_size], train=ordered[test_size + tiny_size:])
 
 
 def load_splits(data: str) -> Splits:
@@ -144,5 +148,7 @@ def load_splits(data: str) -> Splits:
             return split(loaded["train"])
         rest = sorted(loaded["train"], key=_key)
         tiny = min(TINY_SIZE, max(1, len(rest) // 10))
-        return Splits(train=rest[tiny:], tiny=rest[:tiny], test=held)
+        # a lone held-out split stays the test set, whole; then there is no validation split
+        validation = loaded.get("validation", []) if "test" in loaded else []
+        return Splits(train=rest[tiny:], tiny=rest[:tiny], test=held, validation=validation)
     return split(loaded)

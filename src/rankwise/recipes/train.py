@@ -79,6 +79,7 @@ class Run:
     stop_reason: str | None = None
     held_out_example: dict | None = None  # one test example, for the before/after generation
     generate_examples: list[dict] = field(default_factory=list)  # held-out prompts for the task metric
+    validation_batches: list[dict] = field(default_factory=list)  # scored at the end, for choosing settings
 
     # ---- what hooks may use -------------------------------------------------------------------
     def trainable(self) -> list[torch.nn.Parameter]:
@@ -202,6 +203,10 @@ def build_run(plan: Plan | Config, say=print) -> Run:
 
     tiny_batches = _batches(tok, splits.tiny, cfg, device)
     test_batches = _batches(tok, splits.test[:cfg.eval_examples], cfg, device)
+    if cfg.validation_examples and not splits.validation:
+        raise DataError(f"{cfg.data} has no validation split (a datasets directory needs both 'test' and "
+                        f"'validation'); set validation_examples=0")
+    validation_batches = _batches(tok, splits.validation[:cfg.validation_examples], cfg, device)
     if not test_batches or (cfg.fast_forward and not tiny_batches):
         raise DataError(f"no held-out example of {cfg.data} fits in max_length={cfg.max_length} tokens; "
                         f"raise max_length")
@@ -239,6 +244,7 @@ def build_run(plan: Plan | Config, say=print) -> Run:
               method=method, clips_gradients=plan.optimizer.clips_gradients)
     run.held_out_example = min(splits.test, key=lambda ex: len(ex["messages"][-2]["content"]))
     run.generate_examples = splits.test[:cfg.eval_generate]
+    run.validation_batches = validation_batches
     if resume_from is not None:
         with _damaged(resume_from, ckpt.STATE):
             state = ckpt.load_state(resume_from / ckpt.STATE)
@@ -418,6 +424,10 @@ def _loop(run: Run, say) -> dict:
         return {"stopped": run.stop_reason, "step": run.step, "checkpoint": str(saved)}
     final_loss = run.test_loss()
     run.log({"kind": "eval", "eval_loss": final_loss})
+    validation_loss = None
+    if run.validation_batches:
+        validation_loss = mean_loss(run.scorer, run.validation_batches, run.autocast)
+        run.log({"kind": "eval", "validation_loss": validation_loss})
     first_loss = None
     if run.world.main:
         records = read_metrics(run.out / "metrics.jsonl")
@@ -428,7 +438,8 @@ def _loop(run: Run, say) -> dict:
     rouge = _task_metric(run, say)
     if cfg.sample:
         _sample(run, "after training", say)
-    return {"step": run.step, "eval_loss_start": first_loss, "eval_loss": final_loss, "rouge_l": rouge,
+    return {"step": run.step, "eval_loss_start": first_loss, "eval_loss": final_loss,
+            "validation_loss": validation_loss, "rouge_l": rouge,
             "checkpoint": str(saved), "cum_flops": run.cum_flops, "cum_seconds": run.cum_seconds,
             "tokens_seen": run.tokens_seen}
 

@@ -112,7 +112,7 @@ def plot_losses(records: list[dict], path: Path, title: str = "") -> None:
     import matplotlib.pyplot as plt
 
     train = [r for r in records if r.get("kind") == "train"]
-    evals = [r for r in records if r.get("kind") == "eval"]
+    evals = [r for r in records if r.get("kind") == "eval" and "eval_loss" in r]
     ff = [r for r in records if r.get("kind") == "ff"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, x_key, x_label in ((axes[0], "step", "optimizer step"), (axes[1], "cum_flops", "cumulative FLOPs")):
