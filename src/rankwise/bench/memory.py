@@ -24,6 +24,7 @@ the adapter's exact shapes: the size does not depend on the values).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import tempfile
 import time
 from pathlib import Path
@@ -131,7 +132,7 @@ def worker(spec: dict) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(saved=None, held=None):
-        with saved or _null(), autocast():
+        with saved or contextlib.nullcontext(), autocast():
             loss_sum, n = token_loss_sum(model, batch)
         if held is not None:
             held.append(proc_kib("VmRSS") if not cuda else torch.cuda.memory_allocated() // 1024)
@@ -168,14 +169,6 @@ def worker(spec: dict) -> dict:
             "optimizer_state_mib": optimizer_state_bytes(optimizer) / MIB}
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _run_worker(spec: dict) -> dict:
     """One worker in a fresh interpreter: glibc reads MALLOC_MMAP_THRESHOLD_ only when a process starts."""
     row = in_child(worker, spec, fresh=True,
@@ -198,17 +191,17 @@ def _memory_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _memory_main(ns) -> int:
+def _memory_main(ns, tmp: Path) -> int:
     if ns.scale == "tiny" and ns.model is None:
         from rankwise.tiny import make_tiny_model_dir
 
-        ns.model = str(make_tiny_model_dir(Path(tempfile.mkdtemp(prefix="rankwise-mem-")), hidden=256,
-                                           layers=4, intermediate=704, heads=4, kv_heads=2))
+        ns.model = str(make_tiny_model_dir(tmp / "tiny-model", hidden=256, layers=4, intermediate=704, heads=4,
+                                           kv_heads=2))
     model = ns.model or "default"
     batch, seq = (ns.batch or (8 if ns.scale == "default" else 4)), (ns.seq or (256 if ns.scale == "default" else 64))
     import torch
 
-    batch_file = Path(tempfile.mkdtemp(prefix="rankwise-mem-")) / "batch.pt"
+    batch_file = tmp / "batch.pt"
     torch.save(_packed_batch(model, batch, seq), batch_file)  # one batch, read by every worker
     rows = []
     for rank in ns.ranks:
@@ -343,7 +336,10 @@ def main(argv: list[str]) -> int:
             ns.device = str(resolve_device(ns.device))
         except ValueError as e:
             p.error(str(e))
-    return _params_main(ns) if ns.params else _memory_main(ns)
+    if ns.params:
+        return _params_main(ns)
+    with tempfile.TemporaryDirectory(prefix="rankwise-mem-") as tmp:  # the tiny model and the batch, then gone
+        return _memory_main(ns, Path(tmp))
 
 
 register("memory", main)

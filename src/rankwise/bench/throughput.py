@@ -100,8 +100,15 @@ def _trainer_run(cfg, batches, workdir: Path) -> list[float]:
 
 
 def _tokens_per_second(batches, times) -> float:
+    """Non-pad tokens over seconds of the steps after the warm-up ones."""
     tokens = sum(int(b["attention_mask"].sum()) for b in batches[WARMUP_STEPS:])
     return tokens / sum(times[WARMUP_STEPS:])
+
+
+def speedup(tokens_per_s: dict[str, list[float]]) -> tuple[dict[str, float], float]:
+    """Each side's median tokens/s over the repeats, and rankwise's median over the Trainer's (the ratio)."""
+    median = {side: statistics.median(values) for side, values in tokens_per_s.items()}
+    return median, median["rankwise"] / median["trainer"]
 
 
 def main(argv: list[str]) -> int:
@@ -149,7 +156,8 @@ def main(argv: list[str]) -> int:
                 timed[side].append(sum(times[WARMUP_STEPS:]))
                 print(f"repeat {r + 1}/{ns.repeats} {side:8s}: {results[side][-1]:8.1f} tokens/s", flush=True)
 
-    ours, theirs = statistics.median(results["rankwise"]), statistics.median(results["trainer"])
+    median, ratio = speedup(results)
+    ours, theirs = median["rankwise"], median["trainer"]
     utilisation = _utilisation(device, model_flops, timed)
     report = {"benchmark": "throughput", "date": date.today().isoformat(), "machine": _machine(),
               "device": device, "device_name": _device_name(device), **utilisation,
@@ -157,11 +165,11 @@ def main(argv: list[str]) -> int:
               "overrides": ns.overrides, "config": {k: v for k, v in cfg.to_dict().items()
                                                       if k in ("model", "method", "rank", "alpha", "batch_size",
                                                                "precision", "max_length", "target_modules")},
-              "tokens_per_s": results, "median": {"rankwise": ours, "trainer": theirs}, "ratio": ours / theirs}
+              "tokens_per_s": results, "median": median, "ratio": ratio}
     print(f"\n| runner | median tokens/s | repeats |\n|---|---|---|\n"
           f"| rankwise | {ours:.1f} | {', '.join(f'{x:.0f}' for x in results['rankwise'])} |\n"
           f"| Trainer + PEFT | {theirs:.1f} | {', '.join(f'{x:.0f}' for x in results['trainer'])} |\n"
-          f"\nratio rankwise / Trainer = {ours / theirs:.3f} ({_device_name(device)})")
+          f"\nratio rankwise / Trainer = {ratio:.3f} ({_device_name(device)})")
     if utilisation.get("mfu"):
         print(f"model FLOPs utilisation (median): rankwise {utilisation['mfu']['rankwise']:.1%}, Trainer "
               f"{utilisation['mfu']['trainer']:.1%} of the {utilisation['peak']['name']} dense bf16 peak "
