@@ -93,6 +93,21 @@ def test_throughput_utilisation_uses_the_measured_flops_and_each_sides_seconds(m
     assert _utilisation("cpu", 1e12, {"rankwise": [1.0]}) == {}
 
 
+def test_throughput_ratio_is_the_median_over_repeats_of_each_side_then_their_quotient():
+    from rankwise.bench.throughput import speedup
+
+    median, ratio = speedup({"rankwise": [100.0, 300.0, 200.0], "trainer": [100.0, 50.0, 400.0]})
+    assert median == {"rankwise": 200.0, "trainer": 100.0} and ratio == 2.0  # means would give 200 / 183
+
+
+def test_throughput_tokens_per_second_counts_non_pad_tokens_after_the_warmup_steps():
+    from rankwise.bench.throughput import WARMUP_STEPS, _tokens_per_second
+
+    masks = [[1] * 5, [1] * 5, [1] * 6 + [0] * 4, [1] * 10]  # the first two are warm-up steps
+    batches = [{"attention_mask": torch.tensor([m])} for m in masks]
+    assert WARMUP_STEPS == 2 and _tokens_per_second(batches, [9.0, 9.0, 2.0, 3.0]) == (6 + 10) / (2.0 + 3.0)
+
+
 @no_cuda
 @pytest.mark.parametrize("bench", ["throughput", "memory", "latency", "loft"])
 def test_benches_refuse_cuda_in_one_line_where_there_is_none(bench, capsys):

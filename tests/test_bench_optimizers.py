@@ -97,3 +97,17 @@ def test_finetune_refuses_pretraining_options(tmp_path):
         with pytest.raises(SystemExit, match=message):
             main(["--finetune", "--scale", "tiny", "--workdir", str(work)] + argv)
     assert not work.exists()
+
+
+def test_tiny_pretraining_runs_each_optimizer_in_its_own_process_and_judges_lorapre_against_galore(tmp_path):
+    import json
+
+    out = tmp_path / "opt.json"
+    assert main(["--scale", "tiny", "--optimizers", "adamw,galore,lorapre", "--steps", "2", "--workdir",
+                 str(tmp_path / "w"), "--out", str(out), "--lrs", "adamw=1e-3;galore=1e-2;lorapre=1e-2"]) == 0
+    result = json.loads(out.read_text())
+    runs = {r["optimizer"]: r for r in result["runs"]}
+    assert list(runs) == ["adamw", "galore", "lorapre"] and set(result["best"]) == set(runs)
+    assert set(result["verdict"]) == {"lorapre"}  # the claim is checked for each LoRA-Pre variant that ran
+    assert runs["lorapre"]["optimizer_state_bytes"] < runs["galore"]["optimizer_state_bytes"]
+    assert all(r["peak_rss_growth_bytes"] > 0 for r in runs.values())  # measured in each run's forked child
