@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
-from rankwise.bench.memory import _memory_table, main
+from rankwise.bench.memory import _memory_table
 
 
 def _row(variant, rank, peak, start):
@@ -27,19 +29,28 @@ def test_memory_ratio_is_each_peak_above_the_runtime_over_loras_at_the_same_rank
     assert math.isnan(float(got["lora-fa", 64][1]))  # no LoRA at that rank
 
 
-def test_tiny_scale_measures_a_training_step_in_a_fresh_worker(tmp_path, capsys):
+def _python(*argv: str) -> subprocess.CompletedProcess:
+    """In its own process: building models here would leave torch threads that a later test's fork hangs on."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_tiny_scale_measures_a_training_step_in_a_fresh_worker(tmp_path):
     out = tmp_path / "memory.json"
-    assert main(["--scale", "tiny", "--ranks", "4", "--variants", "lora", "--batch", "1", "--seq", "16",
-                 "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    done = _python("-m", "rankwise", "bench", "memory", "--scale", "tiny", "--ranks", "4", "--variants", "lora",
+                   "--batch", "1", "--seq", "16", "--threads", "1", "--device", "cpu", "--out", str(out))
     (row,) = json.loads(out.read_text())["rows"]
     assert (row["variant"], row["rank"], row["device"]) == ("lora", 4, "cpu")
     assert row["peak_mib"] >= row["before_mib"] > 0 and row["optimizer_state_mib"] > 0 and row["trainable"] > 0
-    assert "| lora | 4 |" in capsys.readouterr().out
+    assert "| lora | 4 |" in done.stdout
 
 
-def test_params_mode_counts_lora_and_lora_fa_on_a_tiny_model(tiny_model_dir, tmp_path):
+def test_params_mode_counts_lora_and_lora_fa_on_a_tiny_model(tmp_path):
     out = tmp_path / "params.json"
-    assert main(["--params", "--model", str(tiny_model_dir), "--param-rank", "4", "--out", str(out)]) == 0
+    _python("-c", "import sys; from rankwise.tiny import make_tiny_model_dir; from rankwise.bench import run_bench; "
+            "sys.exit(run_bench('memory', ['--params', '--model', str(make_tiny_model_dir(sys.argv[1])), "
+            "'--param-rank', '4', '--out', sys.argv[2]]))", str(tmp_path / "tiny"), str(out))
     (row,) = json.loads(out.read_text())["rows"]
     lora, lora_fa = row["lora"], row["lora-fa"]
     assert 0 < lora_fa["trainable"] < lora["trainable"] < row["base_params"]  # LoRA-FA trains B only

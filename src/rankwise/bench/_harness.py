@@ -61,6 +61,17 @@ def _fresh(fn: Callable, args: tuple, env: dict | None):
     return json.loads(done.stdout.strip().splitlines()[-1])  # the last line: the run may print before it
 
 
+# ---- the command line ----------------------------------------------------------------------------------
+def device_or_exit(parser, name: str):
+    """--device resolved (torch.device), or the parser's one-line usage error (exit 2) before anything loads."""
+    from rankwise.runtime import resolve_device
+
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as e:  # RuntimeError: a malformed name such as "gpu"
+        parser.error(str(e).splitlines()[0])
+
+
 # ---- data --------------------------------------------------------------------------------------------
 def builtin_jsonl(path: Path, n: int | None = None) -> str:
     """The first `n` built-in examples (all when None) as a JSONL file of prompt/response rows; returns its
@@ -126,8 +137,7 @@ def config_settings(config: dict) -> dict:
     run: its default), without overwrite and resume, which do not change what trains."""
     from rankwise.config import Config
 
-    defaults = json.loads(json.dumps(Config().to_dict()))
-    return {k: config.get(k, v) for k, v in defaults.items() if k not in ("overwrite", "resume")}
+    return {k: config.get(k, v) for k, v in Config().to_dict().items() if k not in ("overwrite", "resume")}
 
 
 def finished_runs(folder: Path) -> dict[str, Path]:
@@ -153,10 +163,7 @@ def finished_runs(folder: Path) -> dict[str, Path]:
 # ---- a sweep's best ------------------------------------------------------------------------------------
 def lowest(rows, loss: str | Callable):
     """The row with the lowest `loss` (a key, or a function of the row), the earlier on a tie; None if empty."""
-    rows = list(rows)
-    if not rows:
-        return None
-    return min(rows, key=loss if callable(loss) else lambda row: row[loss])
+    return min(rows, key=loss if callable(loss) else lambda row: row[loss], default=None)
 
 
 def best_per(rows, group: str | Callable, loss: str | Callable) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import positive_numbers, register, write_json
+from rankwise.bench._harness import device_or_exit
 from rankwise.bench.latency_quality import quality, quality_table as _quality_table  # (the name tests use)
 from rankwise.ffba.settings import BLOCKS
 
@@ -269,13 +270,7 @@ def main(argv: list[str]) -> int:
     scale = SCALES[ns.scale]
     batches = [int(b) for b in ns.batches.split(",")]
     lora_rank = ns.lora_rank or scale["lora_rank"]
-
-    from rankwise import runtime
-
-    try:
-        device = runtime.resolve_device(ns.device)
-    except (ValueError, RuntimeError) as e:  # RuntimeError: a malformed name such as "gpu"
-        p.error(str(e).splitlines()[0])
+    device = device_or_exit(p, ns.device)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="rankwise-latency-") as tmp:
         name, tok, base = _load(ns.scale, Path(tmp))

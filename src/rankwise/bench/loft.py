@@ -65,12 +65,6 @@ def _probe_device(name: str):
         return {"error": str(e)}
 
 
-def _make_tiny(path: str) -> str:
-    from rankwise.tiny import make_tiny_model_dir
-
-    return str(make_tiny_model_dir(path))
-
-
 def configurations(ranks: list[int], full_lrs: list[float], loft_lrs: list[float], simple_lrs: list[float],
                    lora_sweep: list[tuple[float, float]]):
     """(label, rank, overrides) for every run of the comparison. Every method gets an lr sweep (LoFT and
@@ -231,7 +225,9 @@ def main(argv: list[str]) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = "default"
         if args.scale == "tiny":
-            model = in_child(_make_tiny, f"{tmp}/tiny-model")
+            from rankwise.tiny import make_tiny_model_dir
+
+            model = in_child(lambda: str(make_tiny_model_dir(f"{tmp}/tiny-model")))  # torch work: not here
         common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
                   f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
                   f"precision={args.precision}", f"threads={args.threads}", f"seed={args.seed}"]

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 from rankwise.bench import proc_kib, register, reset_peak_rss, trim_heap, write_json
-from rankwise.bench._harness import in_child
+from rankwise.bench._harness import device_or_exit, in_child
 
 VARIANTS = ("lora", "peft-lora-fa", "lora-fa")
 MIB = 2**20
@@ -330,12 +330,7 @@ def main(argv: list[str]) -> int:
     if bad:
         p.error(f"unknown variants {sorted(bad)}; choose from {', '.join(VARIANTS)}")
     if not ns.params:  # resolved here (the workers are fresh processes), so a missing GPU is one line, not a trace
-        from rankwise.runtime import resolve_device
-
-        try:
-            ns.device = str(resolve_device(ns.device))
-        except ValueError as e:
-            p.error(str(e))
+        ns.device = str(device_or_exit(p, ns.device))
     if ns.params:
         return _params_main(ns)
     with tempfile.TemporaryDirectory(prefix="rankwise-mem-") as tmp:  # the tiny model and the batch, then gone

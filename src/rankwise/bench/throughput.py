@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import register, training_batches, write_json
-from rankwise.bench._harness import layered, typed
+from rankwise.bench._harness import device_or_exit, layered, typed
 from rankwise.config import load_config
 
 WARMUP_STEPS = 2  # excluded from timing on both sides (allocator and thread-pool warm-up)
@@ -124,12 +124,7 @@ def main(argv: list[str]) -> int:
     ns = p.parse_args(argv)
     if any(o.split("=", 1)[0].strip() == "device" for o in ns.overrides):
         p.error("choose the device with --device, not a device= override")
-    from rankwise.runtime import resolve_device
-
-    try:  # auto is resolved here, so that both sides get the same device
-        device = str(resolve_device(ns.device))
-    except ValueError as e:
-        p.error(str(e))
+    device = str(device_or_exit(p, ns.device))  # auto resolved here, so that both sides get the same device
     user = typed(ns.overrides)
     timed = {"rankwise": [], "trainer": []}  # seconds of the timed steps, per repeat
 
