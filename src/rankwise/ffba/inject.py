@@ -1,14 +1,20 @@
-"""Model surgery on Llama-family decoder layers: wrap sub-blocks with adapters, or fuse them in.
+"""Model surgery on Llama-family decoder layers: add forward and/or backward adapters, or fuse them in.
 
-Each decoder layer calls `self_attn(hidden_states=norm(h), ...)` and `mlp(norm(h))`, so replacing
-those two modules is enough: the adapter sees the sub-block's normed input and adds to its output.
+Each decoder layer calls `self_attn(hidden_states=norm(h), ...)` and `mlp(norm(h))`, so replacing those two
+modules is enough for a forward adapter (it sees the sub-block's normed input and adds to its output).
+A backward adapter wraps projections inside them instead: the output projection of one sub-block (o_proj,
+down_proj) and the input projections of the next (the same layer's gate/up, the next layer's q/k/v).
+The last layer's MLP has no next sub-block, so it gets no backward adapter.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
 from torch import nn
 
 from rankwise.config import ConfigError
-from rankwise.ffba.layers import Adapter, FusedAttention, FusedMLP, Parallel
+from rankwise.ffba.layers import Adapter, Carrier, Emit, FusedAttention, FusedMLP, Parallel, Receive, plain
 from rankwise.ffba.settings import Settings
 
 # model_type -> architecture; each has q/k/v/o attention with rotary embeddings and a gated MLP
@@ -16,6 +22,9 @@ SUPPORTED = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen
 MODULE = {"attn": "self_attn", "mlp": "mlp"}
 FUSED = {"attn": FusedAttention, "mlp": FusedMLP}
 PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+INPUTS = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # read the normed x
+OUTPUT = {"attn": "o_proj", "mlp": "down_proj"}  # writes the sub-block's output
+NEXT = {"attn": ("mlp", 0), "mlp": ("attn", 1)}  # the sub-block after each one: (block, layer offset)
 
 
 def supported_text() -> str:
@@ -30,6 +39,12 @@ def check_architecture(model_type: str | None, architectures=None, where: str = 
                           f"supported: {supported_text()}")
 
 
+def sub_block(layer: nn.Module, block: str) -> nn.Module:
+    """The attention or MLP module of a decoder layer, under its forward adapter if it has one."""
+    module = getattr(layer, MODULE[block], None)
+    return module.block if isinstance(module, Parallel) else module
+
+
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a causal LM, after checking each has the sub-blocks FFBA rewrites."""
     config = model.config
@@ -37,30 +52,55 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     layers = model.get_decoder().layers
     for i, layer in enumerate(layers):
         for block, names in PROJECTIONS.items():
-            module = getattr(layer, MODULE[block], None)
-            module = module.block if isinstance(module, Parallel) else module
-            if module is None or not all(isinstance(getattr(module, n, None), nn.Linear) for n in names):
+            module = sub_block(layer, block)
+            if module is None or not all(isinstance(plain(getattr(module, n, None)), nn.Linear) for n in names):
                 raise ConfigError(f"ffba: layer {i} has no {MODULE[block]} with linear {', '.join(names)}; "
                                   f"supported: {supported_text()}")
     return layers
 
 
+def junction_sites(n_layers: int, blocks) -> list[tuple[int, str, int, str]]:
+    """(layer, block, next layer, next block) for every backward adapter: after each chosen sub-block that
+    has a next one (so not after the last layer's MLP)."""
+    sites = []
+    for i in range(n_layers):
+        for block in ("attn", "mlp"):
+            nxt, offset = NEXT[block]
+            if block in blocks and i + offset < n_layers:
+                sites.append((i, block, i + offset, nxt))
+    return sites
+
+
 def inject(model: nn.Module, settings: Settings) -> nn.Module:
-    """Freeze the base model and put an unfused adapter beside each chosen sub-block (in place)."""
+    """Freeze the base model and add the unfused adapters `settings` describe (in place)."""
     layers = decoder_layers(model)
     model.requires_grad_(False)
-    d = model.config.hidden_size
-    for layer in layers:
-        for block in settings.blocks:
-            base = getattr(layer, MODULE[block])
-            weight = getattr(base, PROJECTIONS[block][0]).weight
-            adapter = Adapter(d, settings.rank, settings.alpha, settings.activation, settings.dropout)
-            setattr(layer, MODULE[block], Parallel(base, adapter.to(weight.device, weight.dtype)))
+    d, scale = model.config.hidden_size, settings.scale
+    if settings.forward_rank:
+        for layer in layers:
+            for block in settings.blocks:
+                base = getattr(layer, MODULE[block])
+                weight = getattr(base, PROJECTIONS[block][0]).weight
+                adapter = Adapter(d, settings.forward_rank, settings.alpha, settings.activation, settings.dropout)
+                adapter.scale = scale  # s = alpha / rank with the total rank, for every adapter alike
+                setattr(layer, MODULE[block], Parallel(base, adapter.to(weight.device, weight.dtype)))
+    if settings.backward_rank:
+        sites = junction_sites(len(layers), settings.blocks)
+        if not sites:
+            raise ConfigError(f"ffba: a {len(layers)}-layer model has no junction for a backward adapter after "
+                              f"{'+'.join(settings.blocks)} (the last MLP has no next sub-block)")
+        carrier, r = Carrier(), settings.backward_rank
+        for i, block, j, nxt in sites:
+            key = f"layers.{i}.{block}"
+            source, target = sub_block(layers[i], block), sub_block(layers[j], nxt)
+            setattr(source, OUTPUT[block], Emit(getattr(source, OUTPUT[block]), r, carrier, key, settings.dropout))
+            for name in INPUTS[nxt]:
+                setattr(target, name, Receive(getattr(target, name), r, scale, settings.activation, carrier, key))
     return model
 
 
 def adapters(model: nn.Module) -> dict[str, Adapter]:
-    """The adapters of an unfused model by name, e.g. 'layers.3.attn'."""
+    """The forward adapters of an unfused model by name, e.g. 'layers.3.attn'."""
     found = {}
     for i, layer in enumerate(model.get_decoder().layers):
         for block, name in MODULE.items():
@@ -70,11 +110,69 @@ def adapters(model: nn.Module) -> dict[str, Adapter]:
     return found
 
 
+@dataclass
+class Junction:
+    """One backward adapter of an unfused model: A on `emit`'s input, B split by rows over `receivers`
+    (the next sub-block's input projections, in the order q, k, v or gate, up)."""
+
+    emit: Emit
+    receivers: list[Receive]
+
+    @property
+    def A(self) -> torch.Tensor:
+        """r × d_in of the output projection."""
+        return self.emit.A
+
+    @property
+    def B(self) -> torch.Tensor:
+        """(sum of the receivers' d_out) × r, unscaled (a copy: assign with `set_B`)."""
+        return torch.cat([r.B.detach() for r in self.receivers])
+
+    def set_B(self, B: torch.Tensor) -> None:
+        with torch.no_grad():
+            for r, part in zip(self.receivers, B.split([r.B.shape[0] for r in self.receivers])):
+                r.B.copy_(part)
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.emit.A] + [r.B for r in self.receivers]
+
+
+def junctions(model: nn.Module) -> dict[str, Junction]:
+    """The backward adapters of an unfused model by the sub-block they follow, e.g. 'layers.3.mlp'."""
+    layers = model.get_decoder().layers
+    found = {}
+    for i, block, j, nxt in junction_sites(len(layers), ("attn", "mlp")):
+        emit = getattr(sub_block(layers[i], block), OUTPUT[block])
+        if isinstance(emit, Emit):
+            target = sub_block(layers[j], nxt)
+            found[emit.key] = Junction(emit, [getattr(target, n) for n in INPUTS[nxt]])
+    return found
+
+
 def fuse(model: nn.Module) -> nn.Module:
-    """Replace every unfused sub-block by its fused form (in place); the result is for inference only."""
+    """Replace every sub-block that has adapters by its fused form (in place); the result is for inference."""
     for layer in model.get_decoder().layers:
         for block, name in MODULE.items():
             module = getattr(layer, name)
-            if isinstance(module, Parallel):
-                setattr(layer, name, FUSED[block](module.block, module.adapter))
+            adapter = module.adapter if isinstance(module, Parallel) else None
+            inner = sub_block(layer, block)
+            emit = getattr(inner, OUTPUT[block])
+            emit = emit if isinstance(emit, Emit) else None
+            receivers = [getattr(inner, n) for n in INPUTS[block] if isinstance(getattr(inner, n), Receive)]
+            if adapter or emit or receivers:
+                setattr(layer, name, FUSED[block](inner, adapter, emit, receivers))
     return model.requires_grad_(False)
+
+
+def parameter_count(model: nn.Module, settings: Settings) -> int:
+    """Trainable parameters `inject(model, settings)` would add, from the base model's shapes:
+    2·d·r_fwd per forward-adapted sub-block, r_bwd·(d_in of the output projection + d_out of the next
+    sub-block's input projections) per backward adapter."""
+    layers = model.get_decoder().layers
+    d = model.config.hidden_size
+    total = 2 * d * settings.forward_rank * len(settings.blocks) * len(layers)
+    for i, block, j, nxt in (junction_sites(len(layers), settings.blocks) if settings.backward_rank else []):
+        d_in = plain(getattr(sub_block(layers[i], block), OUTPUT[block])).in_features
+        d_out = sum(plain(getattr(sub_block(layers[j], nxt), n)).out_features for n in INPUTS[nxt])
+        total += settings.backward_rank * (d_in + d_out)
+    return total

@@ -1,13 +1,23 @@
-"""Fused forward-backward adapters (FFBA): the adapter, its unfused training form, its fused inference form.
+"""Fused forward-backward adapters (FFBA): the adapters, their unfused training forms, their fused inference form.
 
-Around a sub-block f (attention or MLP) whose input is the normed hidden state x:
+Forward adapter, around a sub-block f (attention or MLP) whose input is the normed hidden state x:
 
     y = f(x) + s · B · φ(A · x)          A: r×d (down), B: d×r (up, zero at init), s = alpha / r
 
-Unfused (training): f runs as usual and the adapter adds two small GEMMs.
-Fused (inference): A becomes r extra output rows of the projection that already reads x
-([W_q; W_k; W_v; A] or [W_gate; W_up; A]) and s·B becomes r extra input columns of the projection
-that already writes y ([W_o | s·B] or [W_down | s·B]), so the adapter adds no GEMM of its own.
+Backward adapter, across the residual junction after a sub-block: its down-projection reads the input h
+of the sub-block's output projection (the attention output before o_proj, or the MLP hidden act(g)·u
+before down_proj), and its up-projection adds to the *next* sub-block's input projections
+(after attention: the same layer's gate/up; after the MLP: the next layer's q/k/v):
+
+    z = A · h                            (carried past the residual add, never added to it)
+    p' = W_p · x' + s · B_p · φ(z)       for each next input projection p, x' = that block's normed input
+
+Unfused (training): f runs as usual; the forward adapter adds two small GEMMs (`Parallel`), the backward
+one wraps the output projection (`Emit`, writes z into a per-model `Carrier`) and the next input
+projections (`Receive`, read it back).
+Fused (inference): A's become extra output rows and s·B's extra input columns of projections that already
+run ([W_q; W_k; W_v; A_fwd | s·B_bwd], [W_o | s·B_fwd ; A_bwd | 0], likewise for gate/up and down), and z
+travels in the carrier's slot, so no adapter adds a GEMM of its own.
 """
 from __future__ import annotations
 
@@ -55,40 +65,151 @@ class Parallel(nn.Module):
         return out + delta
 
 
-def _stack_rows(linears: list[nn.Linear], A: torch.Tensor) -> nn.Linear:
-    """One Linear whose output is [W_1·x; …; W_n·x; A·x] (A gets a zero bias when the others have one)."""
-    weight = torch.cat([l.weight for l in linears] + [A.to(linears[0].weight.dtype)], dim=0)
-    has_bias = any(l.bias is not None for l in linears)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=has_bias, device=weight.device, dtype=weight.dtype)
+class Carrier:
+    """Per-model slots for the backward adapters' z: the output projection that computes z writes its slot
+    (keyed by junction, e.g. 'layers.3.mlp') and the next block's input projections read it; layers run in
+    order, so within every forward pass a slot is written before it is read."""
+
+    def __init__(self):
+        self.z: dict[str, torch.Tensor] = {}
+
+    def __getstate__(self):
+        # deepcopy and pickle: the slots are the last pass's activations (and their graph), not state
+        return {"z": {}}
+
+
+class Emit(nn.Module):
+    """Unfused backward down-projection: wraps an output projection (o_proj or down_proj) that reads h;
+    returns W·h unchanged and writes z = A·h (A: r×d_in) into the carrier."""
+
+    def __init__(self, linear: nn.Linear, rank: int, carrier: Carrier, key: str, dropout: float = 0.0):
+        super().__init__()
+        self.linear, self.carrier, self.key = linear, carrier, key
+        self.A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device,
+                                          dtype=linear.weight.dtype))
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        self.carrier.z[self.key] = F.linear(self.dropout(h), self.A)
+        return self.linear(h)
+
+    def extra_repr(self) -> str:
+        return f"writes={self.key}, rank={self.A.shape[0]}"
+
+
+class Receive(nn.Module):
+    """Unfused backward up-projection: wraps one input projection (q/k/v or gate/up): W·x + s·B·φ(z),
+    z read from the carrier (B: d_out×r, zero at init)."""
+
+    def __init__(self, linear: nn.Linear, rank: int, scale: float, activation: str, carrier: Carrier, key: str):
+        super().__init__()
+        self.linear, self.carrier, self.key = linear, carrier, key
+        self.scale, self.activation, self.phi = scale, activation, ACTIVATIONS[activation]
+        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device,
+                                          dtype=linear.weight.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) + self.scale * F.linear(self.phi(self.carrier.z[self.key]), self.B)
+
+    def extra_repr(self) -> str:
+        return f"reads={self.key}, rank={self.B.shape[1]}, scale={self.scale:g}, activation={self.activation}"
+
+
+def plain(module: nn.Module) -> nn.Module:
+    """The base projection under an Emit/Receive wrapper (or the module itself)."""
+    return module.linear if isinstance(module, (Emit, Receive)) else module
+
+
+def _scaled(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """s·B rounded once into the weights' dtype (the product is taken in fp32)."""
+    return (scale * B.detach().float()).to(dtype)
+
+
+def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                      dtype=weight.dtype)
     with torch.no_grad():
         fused.weight.copy_(weight)
-        if has_bias:
-            parts = [l.bias if l.bias is not None else torch.zeros_like(l.weight[:, 0]) for l in linears]
-            fused.bias.copy_(torch.cat(parts + [torch.zeros_like(A[:, 0])]))
+        if bias is not None:
+            fused.bias.copy_(bias)
     return fused.requires_grad_(False)
 
 
-def _stack_columns(linear: nn.Linear, sB: torch.Tensor) -> nn.Linear:
-    """One Linear computing [W | s·B]·[h; φ(z)] = W·h + s·B·φ(z)."""
-    weight = torch.cat([linear.weight, sB.to(linear.weight.dtype)], dim=1)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
-                      device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        fused.weight.copy_(weight)
-        if linear.bias is not None:
-            fused.bias.copy_(linear.bias)
-    return fused.requires_grad_(False)
+def _input_projection(linears: list[nn.Linear], forward: Adapter | None, receivers: list[Receive]) -> nn.Linear:
+    """One Linear on [x; φ(z_in)] whose output is [W_1·x + s·B_1·φ(z_in); …; W_n·x + s·B_n·φ(z_in); A_fwd·x]:
+    weight [[W_1, s·B_1], …, [W_n, s·B_n], [A_fwd, 0]] (the z_in columns only when receivers are given)."""
+    dtype = linears[0].weight.dtype
+    rows = [l.weight for l in linears] + ([forward.A.detach().to(dtype)] if forward else [])
+    weight = torch.cat(rows, dim=0)
+    if receivers:
+        rank_in = receivers[0].B.shape[1]
+        columns = [_scaled(r.B, r.scale, dtype) for r in receivers]
+        if forward:
+            columns.append(weight.new_zeros(forward.rank, rank_in))
+        weight = torch.cat([weight, torch.cat(columns, dim=0)], dim=1)
+    bias = None
+    if any(l.bias is not None for l in linears):
+        parts = [l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in linears]
+        bias = torch.cat(parts + ([weight.new_zeros(forward.rank)] if forward else []))
+    return _frozen_linear(weight, bias)
 
 
-class FusedAttention(nn.Module):
-    """Llama-family attention with the adapter folded in: qkvz = [W_q;W_k;W_v;A]·x, o = [W_o|s·B]·[attn;φ(z)].
+def _output_projection(linear: nn.Linear, forward: Adapter | None, emit: Emit | None) -> nn.Linear:
+    """One Linear on [h; φ(z_fwd)] whose output is [W·h + s·B_fwd·φ(z_fwd); A_bwd·h]:
+    weight [[W, s·B_fwd], [A_bwd, 0]]."""
+    dtype = linear.weight.dtype
+    weight = linear.weight
+    if forward:
+        weight = torch.cat([weight, _scaled(forward.B, forward.scale, dtype)], dim=1)
+    bias = linear.bias
+    if emit:
+        A = emit.A.detach().to(dtype)
+        weight = torch.cat([weight, torch.cat([A, A.new_zeros(A.shape[0], weight.shape[1] - A.shape[1])], dim=1)])
+        bias = None if bias is None else torch.cat([bias, bias.new_zeros(A.shape[0])])
+    return _frozen_linear(weight, bias)
+
+
+class _Slots:
+    """What a fused sub-block takes from / gives to the carrier, and its forward adapter's φ."""
+
+    def _init_slots(self, forward: Adapter | None, emit: Emit | None, receivers: list[Receive]):
+        parts = [m for m in (forward, *receivers) if m is not None]  # one activation per model (Settings)
+        self.activation = parts[0].activation if parts else "identity"
+        self.phi = ACTIVATIONS[self.activation]
+        self.reads = receivers[0].key if receivers else None
+        self.writes, self.emit_rank = (emit.key, emit.A.shape[0]) if emit else (None, 0)
+        self.carrier = emit.carrier if emit else receivers[0].carrier if receivers else None
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.reads is None:
+            return x
+        return torch.cat([x, self.phi(self.carrier.z[self.reads])], dim=-1)
+
+    def _output(self, y: torch.Tensor) -> torch.Tensor:
+        if self.writes is None:
+            return y
+        y, self.carrier.z[self.writes] = y.split([y.shape[-1] - self.emit_rank, self.emit_rank], dim=-1)
+        return y
+
+    def _slots_repr(self) -> str:
+        return f", reads={self.reads}, writes={self.writes}"
+
+
+class FusedAttention(nn.Module, _Slots):
+    """Llama-family attention with the adapters folded in:
+    [q;k;v;z_fwd] = [W_q;W_k;W_v;A_fwd | s·B_bwd]·[x; φ(z_in)],  [o; z_out] = [W_o, s·B_fwd; A_bwd, 0]·[attn; φ(z_fwd)].
 
     Mirrors transformers' LlamaAttention.forward (rotary embedding, KV cache update, the configured
-    attention function), so caching and `generate` work unchanged.
+    attention function), so caching and `generate` work unchanged. z_in (from the previous layer's MLP)
+    and z_out (for this layer's MLP) travel in the carrier.
     """
 
-    def __init__(self, attn: nn.Module, adapter: Adapter):
+    def __init__(self, attn: nn.Module, adapter: Adapter | None = None, emit: Emit | None = None,
+                 receivers: list[Receive] | None = None):
         super().__init__()
+        receivers = receivers or []
+        self._init_slots(adapter, emit, receivers)
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.num_key_value_groups = attn.head_dim, attn.num_key_value_groups
         self.scaling, self.attention_dropout, self.is_causal = attn.scaling, attn.attention_dropout, attn.is_causal
@@ -96,11 +217,10 @@ class FusedAttention(nn.Module):
         self.sliding_window = getattr(attn, "sliding_window", getattr(attn.config, "sliding_window", None))
         model_module = sys.modules[type(attn).__module__]  # the model's own rotary and eager attention
         self.rotary, self.eager = model_module.apply_rotary_pos_emb, model_module.eager_attention_forward
-        self.splits = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features, adapter.rank]
-        self.activation = adapter.activation
-        self.phi = ACTIVATIONS[adapter.activation]
-        self.qkvz = _stack_rows([attn.q_proj, attn.k_proj, attn.v_proj], adapter.A.detach())
-        self.o_proj = _stack_columns(attn.o_proj, adapter.scale * adapter.B.detach())
+        q, k, v, o = (plain(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        self.splits = [q.out_features, k.out_features, v.out_features] + ([adapter.rank] if adapter else [])
+        self.qkvz = _input_projection([q, k, v], adapter, receivers)
+        self.o_proj = _output_projection(o, adapter, emit)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
@@ -110,7 +230,7 @@ class FusedAttention(nn.Module):
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v, z = self.qkvz(hidden_states).split(self.splits, dim=-1)
+        q, k, v, *z = self.qkvz(self._input(hidden_states)).split(self.splits, dim=-1)
         q = q.view(hidden_shape).transpose(1, 2)
         k = k.view(hidden_shape).transpose(1, 2)
         v = v.view(hidden_shape).transpose(1, 2)
@@ -125,27 +245,35 @@ class FusedAttention(nn.Module):
                                  dropout=0.0 if not self.training else self.attention_dropout,
                                  scaling=self.scaling, **kwargs)
         out = out.reshape(*input_shape, -1)
-        return self.o_proj(torch.cat([out, self.phi(z)], dim=-1)), weights
+        if z:
+            out = torch.cat([out, self.phi(z[0])], dim=-1)
+        return self._output(self.o_proj(out)), weights
 
     def extra_repr(self) -> str:
-        return f"splits(q,k,v,z)={self.splits}, activation={self.activation}"
+        return f"splits(q,k,v,z)={self.splits}, activation={self.activation}" + self._slots_repr()
 
 
-class FusedMLP(nn.Module):
-    """Gated MLP with the adapter folded in: [g;u;z] = [W_gate;W_up;A]·x, y = [W_down|s·B]·[act(g)·u; φ(z)]."""
+class FusedMLP(nn.Module, _Slots):
+    """Gated MLP with the adapters folded in: [g;u;z_fwd] = [W_gate;W_up;A_fwd | s·B_bwd]·[x; φ(z_in)],
+    [y; z_out] = [W_down, s·B_fwd; A_bwd, 0]·[act(g)·u; φ(z_fwd)]."""
 
-    def __init__(self, mlp: nn.Module, adapter: Adapter):
+    def __init__(self, mlp: nn.Module, adapter: Adapter | None = None, emit: Emit | None = None,
+                 receivers: list[Receive] | None = None):
         super().__init__()
+        receivers = receivers or []
+        self._init_slots(adapter, emit, receivers)
         self.act_fn = mlp.act_fn
-        self.splits = [mlp.gate_proj.out_features, mlp.up_proj.out_features, adapter.rank]
-        self.activation = adapter.activation
-        self.phi = ACTIVATIONS[adapter.activation]
-        self.gate_up_z = _stack_rows([mlp.gate_proj, mlp.up_proj], adapter.A.detach())
-        self.down_proj = _stack_columns(mlp.down_proj, adapter.scale * adapter.B.detach())
+        gate, up, down = (plain(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.splits = [gate.out_features, up.out_features] + ([adapter.rank] if adapter else [])
+        self.gate_up_z = _input_projection([gate, up], adapter, receivers)
+        self.down_proj = _output_projection(down, adapter, emit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u, z = self.gate_up_z(x).split(self.splits, dim=-1)
-        return self.down_proj(torch.cat([self.act_fn(g) * u, self.phi(z)], dim=-1))
+        g, u, *z = self.gate_up_z(self._input(x)).split(self.splits, dim=-1)
+        h = self.act_fn(g) * u
+        if z:
+            h = torch.cat([h, self.phi(z[0])], dim=-1)
+        return self._output(self.down_proj(h))
 
     def extra_repr(self) -> str:
-        return f"splits(gate,up,z)={self.splits}, activation={self.activation}"
+        return f"splits(gate,up,z)={self.splits}, activation={self.activation}" + self._slots_repr()

@@ -5,19 +5,26 @@ import dataclasses
 from dataclasses import dataclass
 
 from rankwise.ffba.layers import ACTIVATIONS
-from rankwise.options import check_low_rank
+from rankwise.options import check_low_rank, is_number
 
-BLOCKS = ("attn", "mlp")  # sub-blocks an adapter can sit beside
-FORMAT_VERSION = 1
+BLOCKS = ("attn", "mlp")  # sub-blocks an adapter can sit beside (forward) or after (backward)
+VARIANTS = ("forward", "backward", "both")  # which adapters: see layers.py
+FORMAT_VERSION = 2  # 2 records `adapters` and `split`; version 1 (forward adapters only) still loads
+DEFAULT_SPLIT = 0.5
 
 
 @dataclass
 class Settings:
+    """`rank` is the total rank: with adapters=both, round(split·rank) goes to the backward adapters and the
+    rest to the forward ones. Every adapter uses the same scale s = alpha / rank."""
+
     rank: int
     alpha: float
     blocks: tuple[str, ...] = BLOCKS
     activation: str = "identity"
     dropout: float = 0.0
+    adapters: str = "forward"
+    split: float | None = None  # fraction of the rank for the backward adapters (adapters=both only)
 
     def check(self) -> "Settings":
         """Raise ValueError with a one-line reason unless these settings can build an adapter."""
@@ -29,19 +36,48 @@ class Settings:
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"ffba: unknown method_args.activation {self.activation!r}; choose one of: "
                               f"{', '.join(ACTIVATIONS)}")
+        if self.adapters not in VARIANTS:
+            raise ValueError(f"ffba: method_args.adapters must be one of {', '.join(VARIANTS)}, got {self.adapters!r}")
+        if self.split is not None:
+            if self.adapters != "both":
+                raise ValueError(f"ffba: method_args.split only applies to adapters=both (got adapters={self.adapters})")
+            if not is_number(self.split) or not 0 < self.split < 1:
+                raise ValueError(f"ffba: method_args.split must be a number in (0, 1), got {self.split!r}")
+        if self.adapters == "both" and not (self.forward_rank >= 1 and self.backward_rank >= 1):
+            raise ValueError(f"ffba: rank {self.rank} split {self.used_split:g} leaves the forward adapters rank "
+                             f"{self.forward_rank} and the backward ones rank {self.backward_rank}; both need >= 1")
         return self
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
 
+    @property
+    def used_split(self) -> float | None:
+        if self.adapters != "both":
+            return None
+        return DEFAULT_SPLIT if self.split is None else float(self.split)
+
+    @property
+    def backward_rank(self) -> int:
+        if self.adapters == "both":
+            return round(self.used_split * self.rank)
+        return self.rank if self.adapters == "backward" else 0
+
+    @property
+    def forward_rank(self) -> int:
+        return self.rank - self.backward_rank
+
     def to_json(self) -> dict:
         return {"format": "rankwise-ffba", "version": FORMAT_VERSION, **dataclasses.asdict(self),
-                "blocks": list(self.blocks)}
+                "blocks": list(self.blocks), "split": self.used_split,
+                "forward_rank": self.forward_rank, "backward_rank": self.backward_rank}  # the last two: for readers
 
     @classmethod
     def from_json(cls, d: dict) -> "Settings":
-        if d.get("format") != "rankwise-ffba" or d.get("version") != FORMAT_VERSION:
+        if d.get("format") != "rankwise-ffba" or d.get("version") not in (1, FORMAT_VERSION):
             raise ValueError(f"not an FFBA adapter config (format {d.get('format')!r}, version {d.get('version')!r})")
+        variant = d.get("adapters", "forward") if d["version"] >= 2 else "forward"
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), blocks=tuple(d["blocks"]),
-                   activation=d["activation"], dropout=float(d.get("dropout", 0.0))).check()
+                   activation=d["activation"], dropout=float(d.get("dropout", 0.0)), adapters=variant,
+                   split=d.get("split") if variant == "both" else None).check()

@@ -13,6 +13,8 @@ from rankwise.methods import Method, MethodSpec, register
 class FFBAOptions:
     blocks: tuple[str, ...] | list[str] | str | None = None  # sub-blocks to adapt: [attn,mlp] (default both)
     activation: str = "identity"
+    adapters: str = "forward"  # forward (parallel, inside each sub-block) | backward (across the junction) | both
+    split: float | None = None  # adapters=both: fraction of the rank for the backward adapters (default 0.5)
 
     def __post_init__(self):
         from rankwise.ffba.settings import BLOCKS
@@ -29,7 +31,7 @@ class FFBAOptions:
         from rankwise.ffba.settings import Settings
 
         return Settings(rank=spec.rank, alpha=spec.alpha, blocks=self.blocks, activation=str(self.activation),
-                        dropout=spec.dropout)
+                        dropout=spec.dropout, adapters=str(self.adapters), split=self.split)
 
 
 def check_model_dir(name: str) -> None:
@@ -62,6 +64,9 @@ class FFBA(Method):
             raise ValueError("ffba adapts whole sub-blocks, not linear layers: drop target_modules and choose "
                              "method_args.blocks=[attn,mlp] (or one of them)")
         check_model_dir(cfg.model)
+        if cfg.parallel == "fsdp" and spec.options.adapters != "forward":
+            # z crosses from one decoder layer to the next outside the layer outputs FSDP2 hooks into
+            raise ValueError("ffba: parallel=fsdp trains only adapters=forward; use parallel=ddp for backward adapters")
 
     def adapt(self, model, spec: MethodSpec):
         from rankwise.ffba.inject import inject
@@ -79,7 +84,7 @@ class FFBA(Method):
     def load(self, base, path: Path, trainable: bool = False):
         """Unfused with trainable adapters when `trainable`, else the fused inference form."""
         from rankwise.ffba import io
-        from rankwise.ffba.inject import adapters, fuse
+        from rankwise.ffba.inject import adapters, fuse, junctions
 
         model, settings = io.load(base, Path(path))
         model.ffba_settings = settings
@@ -87,11 +92,15 @@ class FFBA(Method):
             return fuse(model).eval()
         for adapter in adapters(model).values():
             adapter.requires_grad_(True)
+        for junction in junctions(model).values():
+            for p in junction.parameters():
+                p.requires_grad_(True)
         return model
 
     def merge(self, model):
         raise ConfigError("ffba cannot be merged into the base weights: its up-projection B acts on the "
-                          "sub-block's input, not on a weight's input, so no W' = W + ΔW exists; use the "
+                          "sub-block's input (forward) or on the previous sub-block's (backward), not on a "
+                          "weight's input, so no W' = W + ΔW exists; use the "
                           "fused form (`rankwise generate --adapter ...` loads it)")
 
 

@@ -1,0 +1,219 @@
+"""FFBA backward (cross-junction) adapters and adapters=both: fused == unfused (logits, cached and uncached
+generation), the artifact (v2 round trip, v1 still loads), the budget formula, training, refusals."""
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from rankwise.config import ConfigError
+from rankwise.ffba import io
+from rankwise.ffba import (Emit, FusedAttention, FusedMLP, Parallel, Receive, Settings, adapters, fuse, inject,
+                           junctions, parameter_count)
+from rankwise.generate import load_for_inference
+from rankwise.methods import get_method
+from rankwise.recipes.train import train
+from rankwise.validate import validate
+
+QUIET = {"say": lambda *_: None}
+
+
+def _relative(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def _tiny(arch: str = "llama", layers: int = 3, seed: int = 0):
+    """A tiny random model (qwen2: q/k/v biases; mistral: a sliding window); 3 layers, so a middle layer both
+    receives from the one before and writes to the one after."""
+    from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, \
+        Qwen2ForCausalLM
+
+    kinds = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+             "qwen2": (Qwen2Config, Qwen2ForCausalLM)}
+    config_cls, model_cls = kinds[arch]
+    torch.manual_seed(seed)
+    config = config_cls(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    return model_cls(config).eval()
+
+
+def _trained_like(model, settings: Settings, seed: int = 1, size: float = 0.2):
+    """Inject adapters and give every B non-zero values, as training would (B starts at zero)."""
+    model = inject(model, settings)
+    gen = torch.Generator().manual_seed(seed)
+    for adapter in adapters(model).values():
+        adapter.B.data = torch.randn(adapter.B.shape, generator=gen) * size
+    for junction in junctions(model).values():
+        junction.set_B(torch.randn(junction.B.shape, generator=gen) * size)
+    return model.eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("variant, activation", [("backward", "identity"), ("both", "identity"), ("both", "silu")])
+def test_fused_equals_unfused_logits(arch, variant, activation):
+    base = _tiny(arch)
+    ids = torch.randint(5, 300, (3, 20))
+    settings = Settings(rank=6, alpha=12, adapters=variant, activation=activation).check()
+    unfused_model = _trained_like(copy.deepcopy(base), settings)
+    fused_model = fuse(copy.deepcopy(unfused_model))
+    with torch.no_grad():
+        plain, unfused, fused = (m(input_ids=ids).logits for m in (base, unfused_model, fused_model))
+    assert _relative(unfused, plain) > 1e-2  # the adapters really change the output
+    assert _relative(fused, unfused) <= 1e-5
+    assert not any(isinstance(m, (Emit, Receive, Parallel)) for m in fused_model.modules())
+    first, middle = fused_model.model.layers[0], fused_model.model.layers[1]
+    assert isinstance(middle.self_attn, FusedAttention) and isinstance(middle.mlp, FusedMLP)
+    # z comes in as extra input columns of the one q/k/v(/A) GEMM and leaves as extra output rows of o_proj
+    r_bwd, r_fwd = settings.backward_rank, settings.forward_rank
+    assert middle.self_attn.qkvz.in_features == 64 + r_bwd and first.self_attn.qkvz.in_features == 64
+    assert middle.self_attn.o_proj.out_features == 64 + r_bwd
+    assert middle.self_attn.o_proj.in_features == 64 + (r_fwd if variant == "both" else 0)
+
+
+def test_backward_adapter_only_touches_the_next_blocks_inputs():
+    """B·z is added to the next sub-block's input projections, never to the residual: with only the
+    attention→MLP junction of layer 0 non-zero, layer 0's attention output is unchanged, its MLP's is not."""
+    base = _tiny()
+    model = inject(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters="backward"))
+    junctions(model)["layers.0.attn"].set_B(torch.ones_like(junctions(model)["layers.0.attn"].B))
+    seen, ids = {}, torch.randint(5, 300, (1, 8))
+    for name, net in (("base", base), ("adapted", model)):
+        layer = net.model.layers[0]
+        layer.self_attn.register_forward_hook(lambda m, i, o, n=name: seen.__setitem__((n, "attn"), o[0]))
+        layer.mlp.register_forward_hook(lambda m, i, o, n=name: seen.__setitem__((n, "mlp"), o))
+        with torch.no_grad():
+            net(input_ids=ids)
+    assert torch.equal(seen["base", "attn"], seen["adapted", "attn"])
+    assert not torch.allclose(seen["base", "mlp"], seen["adapted", "mlp"])
+
+
+@pytest.mark.parametrize("variant", ["backward", "both"])
+def test_cached_generation_equals_uncached_and_unfused(variant):
+    base = _tiny()
+    unfused_model = _trained_like(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters=variant), seed=3, size=0.5)
+    fused_model = fuse(copy.deepcopy(unfused_model))
+    ids = torch.randint(5, 300, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding in the first row
+    kwargs = dict(attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    fused_cached = fused_model.generate(input_ids=ids, use_cache=True, **kwargs)
+    assert torch.equal(fused_cached, fused_model.generate(input_ids=ids, use_cache=False, **kwargs))
+    assert torch.equal(fused_cached, unfused_model.generate(input_ids=ids, use_cache=True, **kwargs))
+    assert torch.equal(fused_cached, unfused_model.generate(input_ids=ids, use_cache=False, **kwargs))
+    assert not torch.equal(fused_cached, base.generate(input_ids=ids, use_cache=True, **kwargs))
+
+
+@pytest.mark.parametrize("variant, blocks", [("backward", ("attn", "mlp")), ("both", ("attn", "mlp")),
+                                             ("backward", ("mlp",)), ("both", ("attn",))])
+def test_trainable_parameters_follow_the_formula(variant, blocks):
+    base = _tiny(layers=3)
+    settings = Settings(rank=7, alpha=7, adapters=variant, blocks=blocks, split=0.6 if variant == "both" else None)
+    model = inject(copy.deepcopy(base), settings.check())
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    d, ff, qkv, layers = 64, 96, 64 + 2 * 32, 3  # 2 of 4 heads for k and v
+    r_bwd = 4 if variant == "both" else 7  # round(0.6 · 7)
+    r_fwd = 7 - r_bwd
+    forward = 2 * d * r_fwd * len(blocks) * layers
+    after_attn = r_bwd * (d + 2 * ff) * layers if "attn" in blocks else 0  # o_proj's input, gate+up's outputs
+    after_mlp = r_bwd * (ff + qkv) * (layers - 1) if "mlp" in blocks else 0  # the last MLP has no next block
+    assert n == forward + after_attn + after_mlp == parameter_count(base, settings)
+    expected = {f"layers.{i}.{b}" for i in range(layers) for b in blocks if (i, b) != (layers - 1, "mlp")}
+    assert set(junctions(model)) == expected
+    assert all(float(p.detach().abs().max()) == 0.0 for j in junctions(model).values() for p in j.parameters()[1:])
+    with torch.no_grad():  # B = 0: exactly the base model
+        ids = torch.randint(5, 300, (1, 9))
+        assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("variant", ["backward", "both"])
+def test_training_learns_and_artifact_round_trips(tiny_cfg, tiny_model_dir, tmp_path, variant):
+    cfg = tiny_cfg(method="ffba", rank=8, alpha=16, steps=12, lr=1e-2, schedule="constant",
+                   **{"method_args.adapters": variant})
+    summary = train(cfg, **QUIET)
+    assert summary["eval_loss"] < summary["eval_loss_start"] - 0.05
+    adapter_dir = f"{summary['checkpoint']}/adapter"
+    config = json.loads(open(f"{adapter_dir}/ffba_config.json").read())
+    assert config["version"] == 2 and config["adapters"] == variant
+    assert config["split"] == (0.5 if variant == "both" else None)
+
+    method = get_method("ffba")
+    ids = torch.randint(5, 300, (2, 19))
+    unfused = method.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter_dir, trainable=True)
+    trained = [p for j in junctions(unfused).values() for p in j.parameters()]
+    assert trained and all(p.requires_grad for p in trained)
+    assert all(float(j.B.abs().max()) > 0 for j in junctions(unfused).values())  # trained, not zero
+    fused, _ = load_for_inference(None, cfg.out)  # what `rankwise generate --adapter RUN` loads
+    assert isinstance(fused.model.layers[0].mlp, FusedMLP) and fused.model.layers[0].mlp.reads == "layers.0.attn"
+    assert not any(p.requires_grad for p in fused.parameters())
+    unfused.eval()
+    with torch.no_grad():
+        a, b = unfused(input_ids=ids).logits, fused(input_ids=ids).logits
+    assert _relative(b, a) <= 1e-5
+
+    out = tmp_path / "resaved"
+    out.mkdir()
+    method.save(unfused, out)
+    again = method.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out, trainable=True).eval()
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, a)
+
+
+def test_version_1_artifact_still_loads(tiny_model_dir, tmp_path):
+    """An artifact written before backward adapters existed (version 1, no `adapters` key) is forward-only."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    model = _trained_like(copy.deepcopy(base), Settings(rank=4, alpha=8))
+    io.save(model, Settings(rank=4, alpha=8), tmp_path)
+    raw = json.loads((tmp_path / "ffba_config.json").read_text())
+    for key in ("adapters", "split", "forward_rank", "backward_rank"):
+        del raw[key]
+    (tmp_path / "ffba_config.json").write_text(json.dumps({**raw, "version": 1}))
+    loaded = get_method("ffba").load(copy.deepcopy(base), tmp_path, trainable=False)
+    ids = torch.randint(5, 300, (2, 11))
+    with torch.no_grad():
+        assert _relative(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+    assert loaded.ffba_settings.adapters == "forward"
+
+
+def test_artifact_with_wrong_variant_tensors_is_refused(tiny_model_dir, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = Settings(rank=4, alpha=8, adapters="both")
+    io.save(_trained_like(copy.deepcopy(base), settings), settings, tmp_path)
+    raw = json.loads((tmp_path / "ffba_config.json").read_text())
+    (tmp_path / "ffba_config.json").write_text(json.dumps({**raw, "adapters": "backward", "split": None}))
+    with pytest.raises(ValueError, match="adapter tensors do not match"):
+        get_method("ffba").load(copy.deepcopy(base), tmp_path)
+
+
+def test_gradients_reach_both_factors_through_the_carrier():
+    model = _trained_like(_tiny(), Settings(rank=4, alpha=8, adapters="backward")).train()
+    model(input_ids=torch.randint(5, 300, (2, 6))).logits.square().mean().backward()
+    for junction in junctions(model).values():
+        assert all(p.grad is not None and float(p.grad.abs().max()) > 0 for p in junction.parameters())
+
+
+def test_a_trained_model_can_be_copied_and_fused():
+    """The carrier holds the last pass's z (with its autograd graph); copying the model must not copy it."""
+    model = _trained_like(_tiny(), Settings(rank=4, alpha=8, adapters="both")).train()
+    model(input_ids=torch.randint(5, 300, (1, 6))).logits.sum().backward()
+    copied = fuse(copy.deepcopy(model))
+    ids = torch.randint(5, 300, (1, 7))
+    with torch.no_grad():
+        assert _relative(copied(input_ids=ids).logits, model.eval()(input_ids=ids).logits) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"method_args.adapters": "sideways"}, "adapters must be one of"),
+    ({"method_args.split": 0.3}, "split only applies to adapters=both"),
+    ({"method_args.adapters": "both", "method_args.split": 1.0}, r"split must be a number in \(0, 1\)"),
+    ({"method_args.adapters": "both", "rank": 1}, "both need >= 1"),
+    ({"method_args.adapters": "backward", "parallel": "fsdp"}, "parallel=fsdp trains only adapters=forward"),
+])
+def test_bad_options_are_refused(tiny_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(tiny_cfg(method="ffba", **overrides))
+
+
+def test_one_layer_model_has_no_junction_after_its_mlp():
+    with pytest.raises(ConfigError, match="no junction"):
+        inject(_tiny(layers=1), Settings(rank=2, alpha=4, adapters="backward", blocks=("mlp",)))
