@@ -41,14 +41,17 @@ def _run(toy: Toy, steps: int) -> list[dict]:
 
 
 # ---- line searches ------------------------------------------------------------------------------
-@pytest.mark.parametrize("minimum", [3.0, 20.0, 57.0])
-def test_doubling_needs_fewer_evaluations_than_linear(minimum):
+@pytest.mark.parametrize("minimum, doubling_evals", [(3.0, 5), (20.0, 8), (57.0, 10)])
+def test_doubling_needs_fewer_evaluations_than_linear(minimum, doubling_evals):
     def f(s):
         return (s - minimum) ** 2
 
     doubling = line_search(f, "doubling", cap=128)
     linear = line_search(f, "linear", cap=128)
-    assert doubling.evals < linear.evals or minimum < 4
+    assert linear.evals == minimum + 2  # f(0), f(1), ..., f(minimum + 1): one evaluation per step
+    # f(0), f(1), the doublings up to the first rise (at most 2^(ceil(log2 minimum) + 1)), one refinement
+    assert doubling.evals == doubling_evals <= math.ceil(math.log2(minimum)) + 4
+    assert doubling.evals <= linear.evals  # 8 and 10 against 22 and 59; at 3 both take five
     assert doubling.loss_after <= linear.loss_after + 1e-9  # and lands at least as close to the minimum
     assert abs(doubling.kept_s - minimum) <= 0.5
 
@@ -85,15 +88,20 @@ def test_stage_never_accepts_a_worse_point(search):
     assert not torch.equal(before, w_t)
 
 
-@pytest.mark.parametrize("search", ["doubling", "linear"])
-def test_stage_reverts_to_best(search):
-    toy = Toy(goal=0.75, delta=0.1, options={"interval": 3, "burn_in": 3, "search": search, "cap": 32})
+# the goal is 4.5 steps away: linear stops at f(5), doubling brackets with f(8), then (parabolic) lands on 4.5
+@pytest.mark.parametrize("search, refine, last_is_best", [("linear", "none", False), ("doubling", "none", False),
+                                                          ("doubling", "parabolic", True)])
+def test_stage_reverts_to_best(search, refine, last_is_best):
+    toy = Toy(goal=0.75, delta=0.1, options={"interval": 3, "burn_in": 3, "search": search, "refine": refine,
+                                             "cap": 32})
     stages = _run(toy, 3)
     (_, stage), = stages
-    best = min(v for _, v in stage["points"])
-    assert stage["loss_after"] == best < stage["loss_before"]
-    assert stage["points"][-1][1] != best or search == "doubling"  # the search went past the minimum ...
-    assert toy.loss() == pytest.approx(best, abs=1e-6)  # ... and the weights came back to the best point
+    best_s, best = min(stage["points"], key=lambda point: (point[1], point[0]))
+    assert stage["loss_after"] == best < stage["loss_before"] and stage["accepted"] == best_s
+    assert max(s for s, _ in stage["points"]) > best_s  # the search went past the minimum ...
+    assert (stage["points"][-1][1] == best) == last_is_best  # ... and (but for the refined one) ended worse,
+    assert toy.loss() == pytest.approx(best, abs=1e-6)  # ... so the weights came back to the best point
+    assert torch.allclose(toy.w.detach(), torch.full((3,), 0.3 + 0.1 * best_s))
     assert 0 < stage["accepted"] <= 32
 
 
@@ -177,6 +185,14 @@ FF_ON = {"fast_forward": "true", "ff.interval": 2, "ff.burn_in": 2, "ff.tiny_exa
          "threads": 1}
 
 
+def _check_logged_search(r: dict) -> None:
+    """A logged stage is its own search: f(0) first, and it ends at the lowest point it evaluated, strictly
+    below f(0) exactly when it accepted a move."""
+    assert r["points"][0] == [0.0, r["loss_before"]]
+    assert [r["accepted"], r["loss_after"]] in r["points"] and r["loss_after"] == min(v for _, v in r["points"])
+    assert (r["accepted"] > 0) == (r["loss_after"] < r["loss_before"])
+
+
 @pytest.mark.parametrize("method", ["lora", "dora", "full"])
 def test_recipe_logs_ff_stages_and_charges_them(tiny_cfg, method):
     lr = 1e-3 if method == "full" else 1e-2
@@ -186,10 +202,29 @@ def test_recipe_logs_ff_stages_and_charges_them(tiny_cfg, method):
     stages = [r for r in records if r["kind"] == "ff"]
     assert [r["step"] for r in stages] == [2, 4]
     for r in stages:
-        assert r["evals"] >= 2 and r["flops"] > 0 and r["loss_after"] <= r["loss_before"]
+        assert r["evals"] == len(r["points"]) >= 2 and r["flops"] > 0
+        _check_logged_search(r)
+    assert stages[0]["accepted"] > 0  # at a constant lr the first direction pays
     train_flops = sum(r["flops"] for r in records if r["kind"] == "train")
     assert summary["cum_flops"] >= train_flops + sum(r["flops"] for r in stages) - 1
     assert math.isfinite(summary["eval_loss"])
+
+
+def test_recipe_ff_lowers_the_held_out_loss_at_equal_optimizer_steps(tiny_cfg, tmp_path):
+    # a low constant lr: 8 optimizer steps barely move the loss, and going further along each step must help
+    common = dict(method="lora", steps=8, lr=1e-3, schedule="constant", warmup_steps=0, dropout=0.0,
+                  eval_every=0)
+    plain = train(tiny_cfg(out=str(tmp_path / "plain"), threads=1, **common), say=lambda *_: None)
+    ff = train(tiny_cfg(out=str(tmp_path / "ff"), **common, **{**FF_ON, "ff.tiny_examples": 8}), say=lambda *_: None)
+    records = read_metrics(tmp_path / "ff/metrics.jsonl")
+    assert [r["step"] for r in records if r["kind"] == "train"] == list(range(1, 9))
+    assert plain["step"] == ff["step"] == 8
+    stages = [r for r in records if r["kind"] == "ff"]
+    assert [r["step"] for r in stages] == [2, 4, 6, 8] and all(r["accepted"] > 0 for r in stages)
+    for r in stages:
+        _check_logged_search(r)
+    assert ff["eval_loss_start"] == plain["eval_loss_start"]
+    assert ff["eval_loss"] < plain["eval_loss"] - 0.02  # 7.52 against 7.60, from 7.62
 
 
 def test_recipe_resume_with_ff_equals_uninterrupted(tiny_cfg, tmp_path):
@@ -236,6 +271,8 @@ def test_trainer_callback(tiny_model_dir, tmp_path):
     trainer.train()
     assert [r["step"] for r in ff.records] == [2, 4, 6]
     assert all(r["loss_after"] <= r["loss_before"] and r["evals"] >= 2 for r in ff.records)
+    # a stage that moved the weights reports the lower loss it moved to; one that did not, the same loss
+    assert all((r["accepted"] > 0) == (r["loss_after"] < r["loss_before"]) for r in ff.records)
     assert any(r["accepted"] > 0 for r in ff.records)
 
 

@@ -184,17 +184,27 @@ def test_merge_is_refused_with_a_reason():
         get_method("ffba").merge(_tiny())
 
 
-def test_latency_bench_compares_equal_budgets():
+def test_latency_bench_compares_equal_budgets(monkeypatch):
+    import rankwise.bench.latency as latency
     from rankwise.bench.latency import build_variants, ffba_rank_for, measure
 
     base = _tiny()
     rank = ffba_rank_for(base, lora_rank=4)
     models, budgets = build_variants(base, lora_rank=4, ffba_rank=rank, activation="identity")
     assert budgets["lora unmerged"] == budgets["ffba fused"] == 2 * 64 * rank * 2 * 2  # exact for these shapes
+    # the bench's clock advances only by model calls, variant i's costing i + 1 s each: the prompt is one
+    # call and each new token after the first one more, so the timings must come out as exactly i + 1 s
+    clock = [0.0]
+    monkeypatch.setattr(latency, "time", type("Clock", (), {"perf_counter": staticmethod(lambda: clock[0])}))
+    for i, model in enumerate(models.values()):
+        model.register_forward_pre_hook(lambda *_, cost=i + 1.0: clock.__setitem__(0, clock[0] + cost))
     ids = torch.randint(5, 300, (2, 8))
-    result = measure(models, {2: ids}, new_tokens=4, repeats=1)
+    result = measure(models, {2: ids}, new_tokens=4, repeats=2)
     assert result["ffba_fused_tokens_equal_unfused"]
-    assert all(t[2]["decode_s_per_token"] > 0 for t in result["timings"].values())
+    for i, name in enumerate(models):
+        timing = result["timings"][name][2]
+        assert timing["prefill_s"] == timing["decode_s_per_token"] == i + 1.0
+        assert timing["prefill_all"] == [i + 1.0] * 2  # the warm-up run is discarded
     with torch.no_grad():  # merged and unmerged LoRA are the same function, so the comparison is fair
         merged, unmerged = models["lora merged"](input_ids=ids).logits, models["lora unmerged"](input_ids=ids).logits
     assert _relative(merged, unmerged) <= 1e-5

@@ -245,6 +245,11 @@ def test_fast_forward_runs_on_loft_moves(tiny_cfg):
     summary = train(cfg, say=lambda *_: None)
     stages = [r for r in read_metrics(f"{cfg.out}/metrics.jsonl") if r["kind"] == "ff"]
     assert stages and all(r["loss_after"] <= r["loss_before"] for r in stages)
+    assert stages[0]["accepted"] > 0  # LoFT's step is a direction worth extending
+    for r in stages:  # each logged stage ends at the lowest point of its search, below f(0) iff it moved
+        assert r["points"][0] == [0.0, r["loss_before"]] and [r["accepted"], r["loss_after"]] in r["points"]
+        assert r["loss_after"] == min(v for _, v in r["points"])
+        assert (r["accepted"] > 0) == (r["loss_after"] < r["loss_before"])
     assert summary["eval_loss"] < summary["eval_loss_start"]
 
 
@@ -333,7 +338,10 @@ def test_bench_tiny_trains_each_run_in_its_own_process_and_keeps_the_results(tmp
     assert set(rows) == {"loft", "lora"}
     for row in rows.values():
         assert "error" not in row, row
-        assert row["steps"] == 2 and row["optimizer_state_mb"] > 0 and row["peak_mb"] > row["rss_before_mb"] * 0.5
+        assert row["steps"] == 2 and row["optimizer_state_mb"] > 0
+        # the peak is this process's, in MiB, reset before the steps: above what was resident then (the steps
+        # allocate activations and gradients: ~30 MiB here), far below a GiB more
+        assert row["rss_before_mb"] < row["peak_mb"] < row["rss_before_mb"] + 1024
         assert row["eval_loss"] < rows["loft"]["eval_loss_start"] + 0.5  # trained, not diverged
     assert "[2/2] lora" in capfd.readouterr().err  # each run's progress bar names it
     assert "seed=0" in result["common"]

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 from rankwise.recipes.task_metric import lcs_length, mean_rouge_l, rouge_l
 
@@ -32,13 +33,39 @@ def test_mean_rouge_l_scores_each_reply_against_its_own_reference(monkeypatch):
     assert done == [1, 1]
 
 
+def _greedy_reference(model, tok, messages, new_tokens):
+    """Greedy decoding written out: one chat, no padding, no cache, no generate(); the argmax of a full
+    forward per new token until an end-of-sequence token, decoded without special tokens."""
+    from rankwise.data import prompt_ids
+
+    ids, new = torch.tensor([prompt_ids(tok, messages)]), []
+    stops = model.generation_config.eos_token_id
+    stops = set(stops) if isinstance(stops, list) else {stops}
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(token)
+            if token in stops:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tok.decode(new, skip_special_tokens=True).strip()
+
+
 def test_batched_generation_gives_each_prompt_its_unbatched_reply(tiny_model_dir):
     from rankwise.generate import generate, generate_batch
     from rankwise.models import load_model, load_tokenizer
 
     tok, model = load_tokenizer(str(tiny_model_dir)), load_model(str(tiny_model_dir))
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # as initialised, the tiny model answers only newlines (an empty reply after strip)
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
     chats = [[{"role": "user", "content": text}] for text in ("def f(x): return x", "a much longer prompt " * 6)]
-    assert generate_batch(model, tok, chats, 12) == [generate(model, tok, chat, 12) for chat in chats]
+    replies = generate_batch(model, tok, chats, 12)
+    assert replies == [generate(model, tok, chat, 12) for chat in chats]
+    # generate() is generate_batch of one chat: the independent check is greedy decoding written out
+    assert replies == [_greedy_reference(model, tok, chat, 12) for chat in chats]
+    assert all(replies) and replies[0] != replies[1]
 
 
 def test_the_recipe_reports_and_logs_rouge_l_when_asked(tiny_cfg):
