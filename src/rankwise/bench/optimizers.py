@@ -1,4 +1,5 @@
-"""Pre-training from scratch with low-rank optimizer state: AdamW vs GaLore (rank r) vs LoRA-Pre (rank r/8).
+"""Pre-training from scratch with low-rank optimizer state: AdamW vs GaLore (rank r) vs LoRA-Pre (rank r/8),
+with Muon (full-rank momentum, AdamW on the rest) and APOLLO (rank r, like GaLore) as further baselines.
 
 Same model, data (stdlib source), steps and seed for every optimizer; a small learning-rate sweep each;
 the best validation loss per optimizer, the bytes in its state tensors (all, and the attention/MLP
@@ -27,26 +28,32 @@ from rankwise.bench import positive_numbers, proc_kib, register, write_json
 from rankwise.bench._harness import best_per, in_child
 from rankwise.recipes.pretrain import PretrainConfig, build_model, parse_overrides, prepare_data, run
 
-OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon")
+OPTIMIZERS = ("adamw", "galore", "lorapre", "lorapre-muon", "muon", "apollo")
+NO_RANK = ("adamw", "muon")  # full-size state: no rank, no update scale
 LOW_RANK = ("galore", "lorapre", "lorapre-muon")  # the optimizers with an update scale on their matrices
 PARITY_SCALES = dict.fromkeys(LOW_RANK, [0.25])  # GaLore's published scale, the LoRA-Pre paper's parity setup
+# muon's step is RMS-matched to AdamW's (adjust_lr_fn="match_rms_adamw") and APOLLO's is Adam's step rescaled
+# channel-wise (scale 1, its README's): both take AdamW's grid; APOLLO runs at GaLore's rank and gap
 SCALES = {
     # tiny: < 2 minutes on a shared 2-core CPU; GaLore r=16 vs LoRA-Pre r=2 on 64-wide matrices
     "tiny": dict(model="hidden=64 layers=2 heads=4 kv_heads=2 intermediate=172 vocab=1024 corpus_mb=3 seq_len=128 "
                        "batch_size=8 steps=60 warmup_steps=6", rank=16, gap=20,
                  lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                      "lorapre-muon": [1e-2, 3e-2]}, update_scales=PARITY_SCALES),
+                      "lorapre-muon": [1e-2, 3e-2], "muon": [3e-3, 1e-2], "apollo": [3e-3, 1e-2]},
+                 update_scales=PARITY_SCALES),
     # default: a 2.2M-parameter Llama (192 wide, 4 blocks), GaLore r=48 vs LoRA-Pre r=6
     "default": dict(model="hidden=192 layers=4 heads=4 kv_heads=4 intermediate=512 vocab=2048 corpus_mb=12 "
                           "seq_len=128 batch_size=16 steps=150 warmup_steps=15", rank=48, gap=50,
                     lrs={"adamw": [3e-3, 1e-2], "galore": [1e-2, 3e-2], "lorapre": [1e-2, 3e-2],
-                         "lorapre-muon": [3e-2]}, update_scales=PARITY_SCALES),
+                         "lorapre-muon": [3e-2], "muon": [3e-3, 1e-2], "apollo": [3e-3, 1e-2]},
+                    update_scales=PARITY_SCALES),
 }
 
 
 def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int, out: Path,
             device: str = "auto") -> list[PretrainConfig]:
-    """One PretrainConfig per (optimizer, lr, update scale): GaLore at rank r, LoRA-Pre at rank r/8, AdamW full.
+    """One PretrainConfig per (optimizer, lr, update scale): GaLore and APOLLO at rank r, LoRA-Pre at rank r/8,
+    AdamW and Muon full.
 
     GaLore and LoRA-Pre scale their matrix updates (by default 0.25: GaLore's published setting, the
     LoRA-Pre paper's parity setup), so at one lr their embeddings/norms/head (plain Adam) step alike;
@@ -55,7 +62,8 @@ def configs(scale: dict, optimizers: list[str], steps: int | None, threads: int,
                                      "overwrite=true", f"device={device}"] + ([f"steps={steps}"] if steps else [])
     r = scale["rank"]
     extra = {"adamw": [], "galore": [f"rank={r}", f"optimizer_args.update_proj_gap={scale['gap']}"],
-             "lorapre": [f"rank={max(1, r // 8)}"], "lorapre-muon": [f"rank={max(1, r // 8)}"]}
+             "lorapre": [f"rank={max(1, r // 8)}"], "lorapre-muon": [f"rank={max(1, r // 8)}"], "muon": [],
+             "apollo": [f"rank={r}", f"optimizer_args.update_proj_gap={scale['gap']}"]}
     out_cfgs = []
     for name in optimizers:
         for lr in scale["lrs"][name]:
@@ -133,7 +141,7 @@ def table(rows: list[dict]) -> str:
              f"{'matrix MiB':>10} {'peak MiB':>9} {'s/step':>7}"]
     for r in rows:
         peak = r.get("peak_cuda_bytes") or r.get("peak_rss_growth_bytes") or 0
-        lines.append(f"{r['optimizer']:<13} {r['rank'] if r['optimizer'] != 'adamw' else '-':>4} {r['lr']:>7.0e} "
+        lines.append(f"{r['optimizer']:<13} {r['rank'] if r['optimizer'] not in NO_RANK else '-':>4} {r['lr']:>7.0e} "
                      f"{r.get('update_scale') or '-':>6} {r['val_loss']:>9.4f} {r['val_ppl']:>8.2f} {r['optimizer_state_bytes'] / 2**20:>9.3f} "
                      f"{r['matrix_state_bytes'] / 2**20:>10.3f} {peak / 2**20:>9.1f} "
                      f"{r['train_seconds'] / max(1, r['steps']):>7.3f}")
@@ -145,11 +153,11 @@ def main(argv: list[str]) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", choices=sorted(SCALES), default="default")
     parser.add_argument("--optimizers", help=f"comma-separated, default all: {','.join(OPTIMIZERS)} "
-                        f"(with --finetune: {','.join(finetune.METHODS)})")
+                        f"(with --finetune: {','.join(finetune.DEFAULT)}; known: {','.join(finetune.METHODS)})")
     parser.add_argument("--steps", type=int, help="override the scale's step count")
     parser.add_argument("--lrs", help="replace the scale's lr grid, e.g. 'adamw=1e-3,3e-3;lorapre=3e-3'")
     parser.add_argument("--update-scales", help="sweep the matrix-update scale too (default 0.25 for galore and "
-                        "both lorapre), e.g. 'lorapre=0.0625,0.25;galore=0.125,0.25'")
+                        "both lorapre, apollo's own 1), e.g. 'lorapre=0.0625,0.25;galore=0.125,0.25'")
     parser.add_argument("--threads", type=int, help="torch CPU threads per run (default 1 for pre-training, the "
                         "fastest on a busy box for these small models; all cores for --finetune)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
@@ -170,7 +178,7 @@ def main(argv: list[str]) -> int:
     if args.finetune:
         if args.update_scales:
             raise SystemExit("--update-scales is for pre-training; --finetune sweeps lr only")
-        methods = [n for n in (args.optimizers or ",".join(finetune.METHODS)).split(",") if n]
+        methods = [n for n in (args.optimizers or ",".join(finetune.DEFAULT)).split(",") if n]
         if unknown := [n for n in methods if n not in finetune.METHODS]:
             raise SystemExit(f"--optimizers: unknown {', '.join(unknown)} with --finetune "
                              f"(known: {', '.join(finetune.METHODS)})")
@@ -183,8 +191,8 @@ def main(argv: list[str]) -> int:
         scale = scale | {"lrs": scale["lrs"] | parse_grid(args.lrs, "--lrs")}
     if args.update_scales:
         grid = parse_grid(args.update_scales, "--update-scales")
-        if "adamw" in grid:
-            raise SystemExit("--update-scales: adamw has no update scale (it is the full-state baseline)")
+        if no_scale := [n for n in NO_RANK if n in grid]:
+            raise SystemExit(f"--update-scales: {', '.join(no_scale)} has no update scale (full-size state)")
         scale = scale | {"update_scales": scale["update_scales"] | grid}
     names = [n for n in (args.optimizers or ",".join(OPTIMIZERS)).split(",") if n]
     if unknown := [n for n in names if n not in OPTIMIZERS]:
@@ -197,7 +205,7 @@ def main(argv: list[str]) -> int:
     for cfg in cfgs:
         summary = isolated(_pretrain, cfg)
         rows.append(summary)
-        rank = cfg.rank if cfg.optimizer != "adamw" else "-"
+        rank = cfg.rank if cfg.optimizer not in NO_RANK else "-"
         update = f" scale {cfg.optimizer_args['scale']:g}" if "scale" in cfg.optimizer_args else ""
         print(f"{cfg.optimizer:<13} rank {rank:>3} lr {cfg.lr:<7g}{update} val loss {summary['val_loss']:.4f} "
               f"({summary['train_seconds']:.0f} s)", flush=True)

@@ -4,7 +4,10 @@ LoRA at rank R keeps AdamW's two moments for A (R x q) and B (p x R): 2 R (p + q
 matrix. LoRA-Pre Adam at the same rank R trains the full p x q matrix with its two moments held in rank-R
 factors: the same 2 R (p + q) floats. LoRA-Pre Muon keeps one momentum, R' (p + q) floats, so it gets
 rank 2 R. LoRA-Pre freezes everything else (optimizer_args.rest=frozen) so no method keeps full-size
-state. Every method gets its own lr sweep; the best of each is compared on the same held-out set.
+state. Two baselines beside them: LoRA at rank R stepped by Muon (lora-muon: one momentum, so half
+LoRA-AdamW's state) and APOLLO at rank R on the full weights (rest frozen too; per p x q matrix, p >= q,
+2 R p floats of projected moments plus the R x q projector). Every method gets its own lr sweep; the
+best of each is compared on the same held-out set.
 """
 from __future__ import annotations
 
@@ -16,24 +19,32 @@ from rankwise.bench import write_json
 from rankwise.bench._harness import best_per, layered, typed
 from rankwise.optim import optimizer_state_bytes
 
-METHODS = ("lora", "lorapre", "lorapre-muon")
+METHODS = ("lora", "lorapre", "lorapre-muon", "lora-muon", "apollo")
+DEFAULT = METHODS[:3]  # the equal-state comparison; the two baselines run when named (--optimizers)
 SCALES = {
     "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, precision="fp32",
-                 lrs={"lora": [1e-3, 3e-3], "lorapre": [3e-4, 1e-3], "lorapre-muon": [3e-4, 1e-3]}),
+                 lrs={"lora": [1e-3, 3e-3], "lorapre": [3e-4, 1e-3], "lorapre-muon": [3e-4, 1e-3],
+                      "lora-muon": [1e-3, 3e-3], "apollo": [3e-4, 1e-3]}),
     # LoRA's grid brackets the best lrs of the LoFT bench at r = 4 and 16 (4e-3, 2e-3); LoRA-Pre's
     # brackets full fine-tuning's best AdamW lr there (1e-4): LoRA-Pre steps the full weights. The Muon
     # variant's step is RMS-matched (0.2) where Adam's first steps are sign-like (RMS ~1), so it wants
-    # ~10x the lr: its grid brackets the best measured there (1e-3; 3e-5 and 1e-4 were far behind)
+    # ~10x the lr: its grid brackets the best measured there (1e-3; 3e-5 and 1e-4 were far behind).
+    # lora-muon's step is RMS-matched to AdamW's, so it takes LoRA's grid; APOLLO (Adam-sized steps on
+    # the full weights) takes LoRA-Pre Adam's
     "default": dict(rank=8, steps=30, batch_size=8, max_length=256, eval_examples=64, precision="bf16",
                     lrs={"lora": [2e-3, 4e-3, 8e-3], "lorapre": [3e-5, 1e-4, 3e-4],
-                         "lorapre-muon": [3e-4, 1e-3, 3e-3]}),
+                         "lorapre-muon": [3e-4, 1e-3, 3e-3], "lora-muon": [2e-3, 4e-3, 8e-3],
+                         "apollo": [3e-5, 1e-4, 3e-4]}),
 }
 
 
 def method_overrides(method: str, rank: int) -> list[str]:
     """The recipe overrides of one method at the shared state budget of rank-`rank` LoRA."""
-    if method == "lora":
-        return ["method=lora", "optimizer=adamw", f"rank={rank}", f"alpha={2 * rank}"]
+    if method in ("lora", "lora-muon"):
+        return ["method=lora", f"optimizer={'adamw' if method == 'lora' else 'muon'}", f"rank={rank}",
+                f"alpha={2 * rank}"]
+    if method == "apollo":
+        return ["method=full", "optimizer=apollo", f"rank={rank}", "optimizer_args.rest=frozen"]
     low_rank = rank if method == "lorapre" else 2 * rank  # Muon keeps one moment: twice the rank, same floats
     return ["method=full", f"optimizer={method}", f"rank={low_rank}", "optimizer_args.rest=frozen",
             "betas=[0.9,0.95]"]
@@ -100,7 +111,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, threads: int, workdir: str,
-         out: str | None, isolated, methods=METHODS, device: str = "auto") -> int:
+         out: str | None, isolated, methods=DEFAULT, device: str = "auto") -> int:
     grid = SCALES[scale_name]["lrs"] | lrs
     scale = SCALES[scale_name] | {"lrs": {m: grid[m] for m in methods}} | ({"steps": steps} if steps else {})
     started = time.perf_counter()
@@ -114,7 +125,7 @@ def main(scale_name: str, lrs: dict[str, list[float]], steps: int | None, thread
     best = best_per_method(rows)
     print("\nall runs:\n" + table(rows) + "\n\nbest lr per method (same held-out set):\n" + table(list(best.values())))
     if "lora" in best:
-        for name in ("lorapre", "lorapre-muon"):
+        for name in METHODS[1:]:
             if name in best:
                 print(f"{name} vs LoRA: eval loss {best[name]['eval_loss'] - best['lora']['eval_loss']:+.4f}, "
                       f"state {best[name]['optimizer_state_bytes'] / best['lora']['optimizer_state_bytes']:.3f}x")

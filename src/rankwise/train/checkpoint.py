@@ -11,11 +11,15 @@ A full disk is reported as an OSError whichever library was writing when it fill
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+import types
 from pathlib import Path
 
 import torch
@@ -34,13 +38,37 @@ def load_state(path: Path) -> dict:
         return torch.load(path, weights_only=True)
 
 
+# non-tensor objects optimizers keep in their state (matrices, seeds and counters), as (module, class)
+STATE_CLASSES = [("galore_torch.galore_projector", "GaLoreProjector"),  # optimizer=galore
+                 ("apollo_torch.random_projector", "GradientProjector"),  # optimizer=apollo, proj=random
+                 ("apollo_torch.svd_projector", "GaLoreProjector")]  # optimizer=apollo, proj=svd
+
+
 def safe_classes() -> list[type]:
-    """Non-tensor objects an optimizer keeps in its state: GaLore's projector (its matrices and counters)."""
+    """The classes of STATE_CLASSES whose package is installed."""
+    found = []
+    for module, name in STATE_CLASSES:
+        try:
+            found.append(getattr(_import_plain(module), name))
+        except ImportError:
+            continue
+    return found
+
+
+def _import_plain(module: str):
+    """Import `module`; if its package's __init__ fails (galore-torch and apollo-torch import their 8-bit
+    variants there, which need bitsandbytes), import it from a bare stand-in of the installed package."""
     try:
-        from galore_torch.galore_projector import GaLoreProjector
+        return importlib.import_module(module)
     except ImportError:
-        return []
-    return [GaLoreProjector]
+        name = module.partition(".")[0]
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            raise
+        package = types.ModuleType(name)
+        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules[name] = package
+        return importlib.import_module(module)
 
 
 def probe_write(directory: Path, nbytes: int = 1 << 16) -> None:
