@@ -402,15 +402,14 @@ def test_stage_that_does_not_pay_for_its_evaluations_backs_off():
         check_hooks(load_config(None, ["fast_forward=true", "ff.eval_cost=-1"]))
 
 
-def test_bench_reuses_only_a_finished_run_of_the_same_config(tiny_cfg, monkeypatch):
-    import rankwise.bench.fast_forward as bench
+def test_bench_reuses_only_a_finished_run_of_the_same_config(tiny_cfg):
+    from rankwise.bench._harness import config_settings, finished_runs, run_key
     from rankwise.recipes.train import train
 
     cfg = tiny_cfg(steps=2, eval_every=0)
     train(cfg, say=lambda *_: None)
-    monkeypatch.setattr(bench, "REUSE", True)
-    assert bench._finished(cfg, Path(cfg.out))
-    assert not bench._finished(tiny_cfg(steps=2, eval_every=0, lr=1e-3), Path(cfg.out))  # other config
-    assert not bench._finished(tiny_cfg(steps=3, eval_every=0), Path(cfg.out))  # not run to its end
-    monkeypatch.setattr(bench, "REUSE", False)
-    assert not bench._finished(cfg, Path(cfg.out))
+    found = finished_runs(Path(cfg.out).parent)
+    key = lambda c: run_key(config_settings(c.to_dict()))  # noqa: E731
+    assert found == {key(cfg): Path(cfg.out)}
+    assert key(tiny_cfg(steps=2, eval_every=0, lr=1e-3)) not in found  # another config
+    assert key(tiny_cfg(steps=3, eval_every=0)) not in found  # not the run that finished

@@ -47,6 +47,8 @@ def encode_all(tok, examples: list[dict], max_length: int) -> list[dict]:
 
     Examples longer than max_length tokens, or with nothing left to learn, are dropped (never truncated).
     """
+    if not examples:
+        return []
     rendered = [assistant_spans(tok, ex["messages"]) for ex in examples]
     enc = tok([text for text, _ in rendered], add_special_tokens=False, return_offsets_mapping=True)
     out = []
