@@ -226,7 +226,10 @@ def test_fused_follows_the_configured_attention_function():
                                   ["--ffba-blocks", "mlp,ffn"], ["--ffba-blocks", "attn+attn"], ["--ffba-blocks", ","],
                                   ["--ffba-scales", "0"], ["--ffba-scales", "big"], ["--lora-scales", "-1"],
                                   ["--seeds", "1,1"], ["--seeds", "-1"], ["--seeds", "x"], ["--seeds", ","],
-                                  ["--task-examples", "-1"]])
+                                  ["--task-examples", "-1"], ["--ffba-adapters", "sideways"],
+                                  ["--ffba-adapters", "both,both"], ["--ffba-splits", "1"], ["--ffba-splits", "0"],
+                                  ["--lora-targets", "q+x"], ["--lora-targets", "q+q"],
+                                  ["--validation-examples", "-1"]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 

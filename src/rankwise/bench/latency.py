@@ -23,37 +23,22 @@ import torch
 
 from rankwise.bench import positive_numbers, register, write_json
 from rankwise.bench._harness import device_or_exit
-from rankwise.bench.latency_quality import quality, quality_table as _quality_table  # (the name tests use)
-from rankwise.ffba.settings import BLOCKS
+from rankwise.bench.latency_quality import (LORA_MODULES, ffba_rank_for, lora_params_per_rank, quality,  # noqa: F401
+                                            quality_arms,
+                                            quality_table as _quality_table)  # (the names tests use)
+from rankwise.ffba.settings import BLOCKS, VARIANTS as ADAPTER_KINDS
 
 SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples,
     # held-out prompts answered by generation for the task metric
     "tiny": {"prompt_tokens": 32, "new_tokens": 8, "lora_rank": 4, "steps": 30, "batch_size": 4, "eval_examples": 16,
-             "task_examples": 2},
+             "task_examples": 2, "validation_examples": 8},
     "default": {"prompt_tokens": 64, "new_tokens": 32, "lora_rank": 12, "steps": 40, "batch_size": 8,
-                "eval_examples": 64, "task_examples": 32},
+                "eval_examples": 64, "task_examples": 32, "validation_examples": 64},
 }
 VARIANTS = ("base", "lora merged", "lora unmerged", "dora unmerged", "ffba unfused", "ffba fused")
 
 
 # ---- equal budgets ----------------------------------------------------------------------------------
-def lora_params_per_rank(model) -> int:
-    """PEFT 'all-linear' LoRA: r·(d_in + d_out) for every linear inside the decoder layers."""
-    return sum(m.in_features + m.out_features for m in model.get_decoder().layers.modules()
-               if isinstance(m, torch.nn.Linear))
-
-
-def ffba_params_per_rank(model, blocks: int = 2) -> int:
-    """FFBA: 2·d·r per adapted sub-block."""
-    return 2 * model.config.hidden_size * blocks * len(model.get_decoder().layers)
-
-
-def ffba_rank_for(model, lora_rank: int, blocks: int = 2) -> int:
-    """The FFBA rank whose budget is closest to LoRA's at `lora_rank`, with adapters on `blocks` sub-blocks
-    per layer (2: attention and MLP; 1: only one of them, so twice the rank)."""
-    return max(1, round(lora_rank * lora_params_per_rank(model) / ffba_params_per_rank(model, blocks)))
-
-
 def n_trainable(model) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -67,10 +52,12 @@ def _nonzero_(params, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def build_variants(base, lora_rank: int, ffba_rank: int, activation: str) -> tuple[dict, dict]:
-    """{name: model in eval mode} and {name: trainable parameters before merging/fusing}."""
+def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
+                   kind: str = "forward") -> tuple[dict, dict]:
+    """{name: model in eval mode} and {name: trainable parameters before merging/fusing}; FFBA's adapters of
+    `kind` (forward, backward or both at the default split)."""
     from rankwise.config import Config
-    from rankwise.ffba import Settings, adapters, fuse, inject
+    from rankwise.ffba import Settings, adapters, fuse, inject, junctions
     from rankwise.methods import get_method
 
     models, budgets = {"base": copy.deepcopy(base)}, {"base": 0}
@@ -83,9 +70,11 @@ def build_variants(base, lora_rank: int, ffba_rank: int, activation: str) -> tup
         if method == "lora":
             budgets["lora merged"] = budgets["lora unmerged"]
             models["lora merged"] = copy.deepcopy(peft_model).merge_and_unload()
-    unfused = inject(copy.deepcopy(base), Settings(rank=ffba_rank, alpha=2 * ffba_rank, activation=activation))
+    unfused = inject(copy.deepcopy(base), Settings(rank=ffba_rank, alpha=2 * ffba_rank, activation=activation,
+                                                   adapters=kind).check())
     budgets["ffba unfused"] = budgets["ffba fused"] = n_trainable(unfused)
-    _nonzero_([a.B for a in adapters(unfused).values()], seed=1)
+    _nonzero_([a.B for a in adapters(unfused).values()] + [r.B for j in junctions(unfused).values() for r in j.receivers],
+              seed=1)
     models["ffba unfused"] = unfused
     models["ffba fused"] = fuse(copy.deepcopy(unfused))
     return {name: models[name].eval() for name in VARIANTS}, {name: budgets[name] for name in VARIANTS}
@@ -236,6 +225,17 @@ def main(argv: list[str]) -> int:
                    "comma separated (sweep them whenever FFBA's are swept: the same favour for both)")
     p.add_argument("--ffba-blocks", default="attn+mlp", help="FFBA placements trained by --quality, comma "
                    "separated, each attn+mlp | attn | mlp (each at its own equal-budget rank)")
+    p.add_argument("--lora-targets", default="all-linear",
+                   help="LoRA/DoRA target sets trained by --quality, comma separated: all-linear or a '+'-joined subset "
+                        "of q, k, v, o, gate, up, down (each at the rank of all-linear's budget)")
+    p.add_argument("--ffba-adapters", default="forward",
+                   help="FFBA adapter kinds: forward | backward | both; --quality trains each (comma separated), "
+                        "the latency run times one")
+    p.add_argument("--ffba-splits", default="0.5", help="for adapters=both: the backward adapters' share of the "
+                                                        "rank, comma separated, each in (0, 1)")
+    p.add_argument("--validation-examples", type=int,
+                   help="validation examples each --quality run is scored on to choose its lr (default by scale; "
+                        "0: choose on the test set)")
     p.add_argument("--seeds", default="0", help="seeds for --quality, comma separated: every setting trains once "
                    "per seed (adapter initialisation and data order) and reports the mean held-out loss")
     p.add_argument("--task-examples", type=int, help="held-out prompts each --quality run answers greedily, scored "
@@ -250,6 +250,24 @@ def main(argv: list[str]) -> int:
         lora_scales = positive_numbers("--lora-scales", ns.lora_scales)
     except ValueError as e:
         p.error(str(e))
+    try:
+        splits = positive_numbers("--ffba-splits", ns.ffba_splits)
+    except ValueError as e:
+        p.error(str(e))
+    if not all(x < 1 for x in splits):
+        p.error(f"--ffba-splits: each split must be in (0, 1), got {ns.ffba_splits!r}")
+    kinds = [k for k in ns.ffba_adapters.split(",") if k]
+    if not kinds or set(kinds) - set(ADAPTER_KINDS) or len(set(kinds)) != len(kinds) or (not ns.quality and len(kinds) > 1):
+        p.error(f"--ffba-adapters: {'distinct values' if ns.quality else 'one'} of {', '.join(ADAPTER_KINDS)}, "
+                f"got {ns.ffba_adapters!r}")
+    lora_targets = [t for t in ns.lora_targets.split(",") if t]
+    if not lora_targets or any(t != "all-linear" and (not set(t.split("+")) <= set(LORA_MODULES)
+                                                      or len(set(t.split("+"))) != len(t.split("+")))
+                               for t in lora_targets):
+        p.error(f"--lora-targets: each is all-linear or a '+'-joined subset of {', '.join(LORA_MODULES)}, "
+                f"got {ns.lora_targets!r}")
+    if ns.validation_examples is not None and ns.validation_examples < 0:
+        p.error(f"--validation-examples: a whole number >= 0, got {ns.validation_examples}")
     seeds = [x.strip() for x in ns.seeds.split(",") if x.strip()]
     if not seeds or not all(x.isdigit() for x in seeds) or len(set(map(int, seeds))) != len(seeds):
         p.error(f"--seeds: distinct non-negative whole numbers, comma separated, got {ns.seeds!r}")
@@ -276,6 +294,10 @@ def main(argv: list[str]) -> int:
         name, tok, base = _load(ns.scale, Path(tmp))
         print(f"loaded in {time.perf_counter() - started:.0f} s")
         ffba_rank = ffba_rank_for(base, lora_rank)
+        if not ns.quality and kinds[0] != "forward":  # the same budget for the other adapter kinds
+            from rankwise.ffba.inject import rank_for_budget
+
+            ffba_rank = rank_for_budget(base, lora_rank * lora_params_per_rank(base), adapters=kinds[0])
         record = {"bench": "latency", "scale": ns.scale, "model": name if ns.scale != "tiny" else "tiny random Llama",
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": str(device),
                   "threads": torch.get_num_threads(), "lora_rank": lora_rank, "ffba_rank": ffba_rank,
@@ -291,17 +313,23 @@ def main(argv: list[str]) -> int:
                   f"{', '.join(f'{x:g}' for x in ffba_scales)}·rank for FFBA")
             ffba_ranks = {b: ffba_rank_for(base, lora_rank, len(b.split("+"))) for b in placements}
             task_examples = scale["task_examples"] if ns.task_examples is None else ns.task_examples
-            quality_rows = quality(name, lora_rank, ffba_ranks, steps, lrs, methods, acts, Path(tmp),
-                                   ns.scale == "tiny", ns.batch_size or scale["batch_size"],
-                                   ns.eval_examples or scale["eval_examples"], ns.precision, tuple(ffba_scales),
-                                   tuple(lora_scales), tuple(seeds), task_examples, str(device))
-            record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales, "lora_scales": lora_scales, "steps": steps, "lrs": lrs, "precision": ns.precision,
+            validation = scale["validation_examples"] if ns.validation_examples is None else ns.validation_examples
+            arms = quality_arms(base, lora_rank, methods, lora_targets, lora_scales, placements, acts, ffba_scales,
+                                kinds, splits)
+            quality_rows = quality(name, arms, steps, lrs, Path(tmp), ns.scale == "tiny",
+                                   ns.batch_size or scale["batch_size"], ns.eval_examples or scale["eval_examples"],
+                                   ns.precision, tuple(seeds), task_examples, str(device), validation)
+            record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples,
+                           "validation_examples": validation, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales,
+                           "lora_scales": lora_scales, "lora_targets": lora_targets, "ffba_adapters": kinds,
+                           "ffba_splits": splits, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))
         else:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
                 ns.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-            models, budgets = build_variants(base, lora_rank, ffba_rank, ns.activation)
+            models, budgets = build_variants(base, lora_rank, ffba_rank, ns.activation, kinds[0])
+            record["ffba_adapters"] = kinds[0]
             models = {k: m.to(device=device, dtype=dtype) for k, m in models.items()}
             length = ns.prompt_tokens or scale["prompt_tokens"]
             new_tokens = ns.new_tokens or scale["new_tokens"]

@@ -176,3 +176,16 @@ def parameter_count(model: nn.Module, settings: Settings) -> int:
         d_out = sum(plain(getattr(sub_block(layers[j], nxt), n)).out_features for n in INPUTS[nxt])
         total += settings.backward_rank * (d_in + d_out)
     return total
+
+
+
+def rank_for_budget(model: nn.Module, budget: int, **settings) -> int:
+    """The rank r whose `parameter_count(model, Settings(rank=r, **settings))` is closest to `budget`
+    trainable parameters (the smaller r on a tie); `settings` without rank and alpha (alpha does not count)."""
+    def count(r: int) -> int:
+        return parameter_count(model, Settings(rank=r, alpha=1.0, **settings))
+
+    r = 1
+    while count(r + 1) < budget:
+        r += 1
+    return r if abs(count(r) - budget) <= abs(count(r + 1) - budget) else r + 1

@@ -61,7 +61,7 @@ class Settings:
     @property
     def backward_rank(self) -> int:
         if self.adapters == "both":
-            return round(self.used_split * self.rank)
+            return int(self.used_split * self.rank + 0.5)  # half up, not Python's half-to-even
         return self.rank if self.adapters == "backward" else 0
 
     @property
