@@ -53,6 +53,16 @@ def test_tuned_regime_runs_fast_forward_at_the_sweeps_best_lr():
     assert not any("edge of the sweep" in line for line in said)
 
 
+def test_tuned_regime_chooses_its_lr_on_the_validation_split_where_runs_scored_it():
+    def runs(name, overrides, ff=None):  # test and validation disagree: the choice must follow validation
+        test, validation = {1e-3: (2.1, 2.9), 3e-3: (2.4, 2.3)}[overrides["lr"]]
+        return {"lr": overrides["lr"], "best_eval": test, "validation_loss": validation,
+                "curve": [[0, 0.0, 0.0, 3.0], [2, 10.0, 1.0, test]]}
+
+    tuned = _tuned({"tuned": {"lrs": [1e-3, 3e-3]}, "ff": {"interval": 4}}, runs, lambda *_: None)
+    assert tuned["baseline"]["lr"] == 3e-3 and tuned["ff"]["lr"] == 3e-3
+
+
 def _bench(tmp_path, *extra) -> tuple[dict, str]:
     """The command in its own process (training here would leave torch threads that a later fork hangs on), on
     300 built-in examples: each run then tokenizes its data in a blink."""

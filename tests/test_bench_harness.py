@@ -101,6 +101,17 @@ def test_finished_runs_are_the_complete_runs_found_by_their_config(tmp_path):
     assert run_key(config_settings(other.to_dict())) not in found
 
 
+def test_sweeps_choose_on_validation_where_a_row_has_it_and_on_test_where_none_does():
+    from rankwise.bench._harness import selection_loss
+
+    rows = [{"m": "lora", "eval_loss": 2.0, "validation_loss": 2.9, "i": 0},
+            {"m": "lora", "eval_loss": 2.5, "validation_loss": 2.1, "i": 1},
+            {"m": "dora", "eval_loss": 2.2, "validation_loss": None, "i": 2},
+            {"m": "dora", "eval_loss": 2.3, "i": 3}]
+    best = best_per(rows, "m", selection_loss)
+    assert best["lora"]["i"] == 1 and best["dora"]["i"] == 2
+
+
 def test_lowest_and_best_per_take_the_lowest_loss_and_the_earlier_row_on_a_tie():
     rows = [{"m": "lora", "loss": 2.5, "i": 0}, {"m": "dora", "loss": 2.4, "i": 1},
             {"m": "lora", "loss": 2.2, "i": 2}, {"m": "lora", "loss": 2.2, "i": 3}, {"m": "dora", "loss": 2.6, "i": 4}]

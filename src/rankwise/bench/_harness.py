@@ -161,6 +161,13 @@ def finished_runs(folder: Path) -> dict[str, Path]:
 
 
 # ---- a sweep's best ------------------------------------------------------------------------------------
+def selection_loss(row: dict) -> float:
+    """The loss a sweep chooses its setting on: the row's validation loss where it has one (benches score the
+    validation split, `validation_examples`), else its held-out test loss (the same favour for all)."""
+    value = row.get("validation_loss")
+    return row["eval_loss"] if value is None else value
+
+
 def lowest(rows, loss: str | Callable):
     """The row with the lowest `loss` (a key, or a function of the row), the earlier on a tie; None if empty."""
     return min(rows, key=loss if callable(loss) else lambda row: row[loss], default=None)

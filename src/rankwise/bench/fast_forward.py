@@ -31,6 +31,7 @@ SCALES = {
     # base: config for every run; paper / tuned / control: what each regime changes
     "tiny": {  # a 2-layer random Llama (rankwise.tiny); one thread: two oversubscribe a shared CPU badly
         "base": {"steps": 16, "batch_size": 8, "max_length": 128, "eval_every": 2, "eval_examples": 32,
+                 "validation_examples": 8,
                  "rank": 8, "alpha": 16, "warmup_steps": 0, "precision": "fp32", "threads": 1},
         "paper": {"lr": 5e-4, "grad_accum": 2, "schedule": "constant"},
         "tuned": {"lrs": [3e-3, 1e-2, 3e-2], "schedule": "cosine", "warmup_steps": 2},
@@ -42,6 +43,7 @@ SCALES = {
     },
     "default": {  # the embedded SmolLM2-135M-Instruct; about 40 minutes on a 2-core CPU
         "base": {"steps": 24, "batch_size": 8, "max_length": 256, "eval_every": 4, "eval_examples": 48,
+                 "validation_examples": 64,
                  "rank": 16, "alpha": 32, "warmup_steps": 0, "precision": "bf16"},
         "paper": {"lr": 1e-4, "grad_accum": 4, "schedule": "constant"},
         "tuned": {"lrs": [3e-4, 1e-3, 3e-3], "schedule": "cosine", "warmup_steps": 2, "grad_accum": 2},
@@ -75,9 +77,10 @@ def _train(overrides: dict, ff: dict | None, out: Path, say, reuse: dict) -> dic
         if "stopped" in summary:
             raise KeyboardInterrupt(f"run {out.name} stopped by {summary['stopped']}")
     records = read_metrics(out / "metrics.jsonl")
-    final = records[-1]  # the recipe's last record: held-out loss after the last step, with its costs
+    evals = [r for r in records if r["kind"] == "eval" and "eval_loss" in r]
+    final = evals[-1]  # the recipe's last test evaluation: held-out loss after the last step, with its costs
     summary = {"eval_loss": final["eval_loss"], "cum_flops": final["cum_flops"], "cum_seconds": final["cum_seconds"]}
-    evals = [r for r in records if r["kind"] == "eval"]
+    validation = next((r["validation_loss"] for r in records if "validation_loss" in r), None)
     stages = [r for r in records if r["kind"] == "ff"]
     steps = [r for r in records if r["kind"] == "train"]
     ff_flops = sum(r["flops"] for r in stages)
@@ -85,6 +88,7 @@ def _train(overrides: dict, ff: dict | None, out: Path, say, reuse: dict) -> dic
     result = {
         "lr": cfg.lr, "method": cfg.method, "schedule": cfg.schedule, "grad_accum": cfg.grad_accum,
         "fast_forward": ff, "final_eval": summary["eval_loss"], "best_eval": min(r["eval_loss"] for r in evals),
+        "validation_loss": validation,
         "cum_flops": summary["cum_flops"], "cum_seconds": summary["cum_seconds"],
         "curve": [[r["step"], r["cum_flops"], r["cum_seconds"], r["eval_loss"]] for r in evals],
         "stages": [{k: r[k] for k in ("step", "cum_flops", "accepted", "loss_before", "loss_after", "evals")}
@@ -168,7 +172,8 @@ def _tuned(scale: dict, runs, say) -> dict:
     say("tuned regime: baseline LR swept with the same schedule and budget")
     t = {k: v for k, v in scale["tuned"].items() if k != "lrs"}
     sweep = [runs(f"tuned-base-{lr:g}", {**t, "lr": lr}) for lr in scale["tuned"]["lrs"]]
-    best = lowest(sweep, "best_eval")
+    # chosen on the validation split's loss after the last step (the test curve is what is reported)
+    best = lowest(sweep, lambda r: r["best_eval"] if r.get("validation_loss") is None else r["validation_loss"])
     if best["lr"] in (min(r["lr"] for r in sweep), max(r["lr"] for r in sweep)) and len(sweep) > 1:
         say(f"  note: the best LR {best['lr']:g} is at the edge of the sweep; widen it with --lrs")
     tuned = {"sweep": sweep, "baseline": best, "ff": runs("tuned-ff", {**t, "lr": best["lr"]}, scale["ff"])}

@@ -93,7 +93,7 @@ def quality(model_name: str, arms: dict[str, dict], steps: int, lrs: list[float]
     if tiny:  # a 500-example slice of the built-in data keeps each run's data preparation to a second
         common.update({"data": builtin_jsonl(workdir / "stdlib-500.jsonl", 500), "max_length": 128,
                        "warmup_steps": 2})
-    chosen_by = "validation_loss" if validation_examples else "eval_loss"
+    chosen_by = "validation_loss" if validation_examples else "eval_loss"  # (harness.selection_loss's rule)
     results = {}
     for label, arm in arms.items():
         overrides = {k: v for k, v in arm.items() if k != "targets"}

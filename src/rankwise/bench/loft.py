@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 from rankwise.bench import positive_numbers, proc_kib, register, reset_peak_rss, write_json
-from rankwise.bench._harness import best_per, builtin_jsonl, finished_rows, in_child, run_key
+from rankwise.bench._harness import best_per, builtin_jsonl, finished_rows, in_child, run_key, selection_loss
 
 SCALES = {  # steps, batch, max_length, eval_examples, full-FT/LoFT lr, LoRA sweep "lr:alpha/r", memory check
     "tiny": dict(steps=20, batch=8, max_length=128, eval_examples=32, lr=1e-3, lr_simple=4e-3, ranks="1,4",
-                 lora_sweep="1e-3:2,4e-3:2", memory_rank=0, examples=600),
+                 lora_sweep="1e-3:2,4e-3:2", memory_rank=0, examples=600, validation_examples=8),
     "default": dict(steps=60, batch=8, max_length=256, eval_examples=64, lr=1e-4, lr_simple=5e-4, ranks="1,2,4,16",
-                    lora_sweep="2e-4:2,5e-4:2,1e-3:2,5e-4:1", memory_rank=16, examples=0),
+                    lora_sweep="2e-4:2,5e-4:2,1e-3:2,5e-4:1", memory_rank=16, examples=0, validation_examples=64),
 }
 
 
@@ -48,7 +48,7 @@ def _one(overrides: list[str], want_start: bool, desc: str) -> dict:
     for _ in tqdm(range(cfg.steps), desc=desc, unit="step", leave=False, dynamic_ncols=True):
         seconds.append(train_step(run)["seconds"])
     peak = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else proc_kib("VmHWM") / 1024
-    return {"eval_loss": run.test_loss(), "eval_loss_start": start_loss,
+    return {"eval_loss": run.test_loss(), "validation_loss": run.validation_loss(), "eval_loss_start": start_loss,
             "step_s": statistics.mean(seconds[1:] or seconds), "peak_mb": peak,
             "peak_kind": "cuda_max_allocated" if cuda else "process_peak_rss",
             "rss_before_mb": rss_before, "optimizer_state_mb": optimizer_state_bytes(run.optimizer) / 2 ** 20,
@@ -97,8 +97,9 @@ def dora_at(rows: list[dict], rank: int, fallback: tuple[float, float]) -> tuple
 
 
 def _best(rows: list[dict]) -> dict[str, dict]:
-    """{kind (full, lora, loft, loft-simple, dora): its row with the lowest held-out loss}."""
-    return best_per(rows, lambda r: r["label"].split(" ")[0], "eval_loss")
+    """{kind (full, lora, loft, loft-simple, dora): its row with the lowest validation loss (harness.
+    selection_loss; its test loss is what is reported)}."""
+    return best_per(rows, lambda r: r["label"].split(" ")[0], selection_loss)
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -229,7 +230,8 @@ def main(argv: list[str]) -> int:
 
             model = in_child(lambda: str(make_tiny_model_dir(f"{tmp}/tiny-model")))  # torch work: not here
         common = [f"model={model}", f"batch_size={batch}", f"max_length={args.max_length or scale['max_length']}",
-                  f"eval_examples={args.eval_examples or scale['eval_examples']}", "eval_every=0", "sample=false", "count_flops=false",
+                  f"eval_examples={args.eval_examples or scale['eval_examples']}",
+                  f"validation_examples={scale['validation_examples']}", "eval_every=0", "sample=false", "count_flops=false",
                   f"precision={args.precision}", f"threads={args.threads}", f"seed={args.seed}"]
         if args.device != "auto":  # (auto: the config's default, so earlier --out files stay reusable)
             common.append(f"device={device}")

@@ -16,13 +16,14 @@ import time
 from pathlib import Path
 
 from rankwise.bench import write_json
-from rankwise.bench._harness import best_per, layered, typed
+from rankwise.bench._harness import best_per, layered, selection_loss, typed
 from rankwise.optim import optimizer_state_bytes
 
 METHODS = ("lora", "lorapre", "lorapre-muon", "lora-muon", "apollo")
 DEFAULT = METHODS[:3]  # the equal-state comparison; the two baselines run when named (--optimizers)
 SCALES = {
-    "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, precision="fp32",
+    "tiny": dict(rank=4, steps=12, batch_size=4, max_length=128, eval_examples=16, validation_examples=8,
+                 precision="fp32",
                  lrs={"lora": [1e-3, 3e-3], "lorapre": [3e-4, 1e-3], "lorapre-muon": [3e-4, 1e-3],
                       "lora-muon": [1e-3, 3e-3], "apollo": [3e-4, 1e-3]}),
     # LoRA's grid brackets the best lrs of the LoFT bench at r = 4 and 16 (4e-3, 2e-3); LoRA-Pre's
@@ -31,7 +32,8 @@ SCALES = {
     # ~10x the lr: its grid brackets the best measured there (1e-3; 3e-5 and 1e-4 were far behind).
     # lora-muon's step is RMS-matched to AdamW's, so it takes LoRA's grid; APOLLO (Adam-sized steps on
     # the full weights) takes LoRA-Pre Adam's
-    "default": dict(rank=8, steps=30, batch_size=8, max_length=256, eval_examples=64, precision="bf16",
+    "default": dict(rank=8, steps=30, batch_size=8, max_length=256, eval_examples=64, validation_examples=64,
+                    precision="bf16",
                     lrs={"lora": [2e-3, 4e-3, 8e-3], "lorapre": [3e-5, 1e-4, 3e-4],
                          "lorapre-muon": [3e-4, 1e-3, 3e-3], "lora-muon": [2e-3, 4e-3, 8e-3],
                          "apollo": [3e-5, 1e-4, 3e-4]}),
@@ -64,10 +66,10 @@ def _finetune(overrides: dict) -> dict:
     start = run_.test_loss()
     for _ in range(cfg.steps):
         record = train_step(run_)
-    end = run_.test_loss()
+    end, validation = run_.test_loss(), run_.validation_loss()
     run_.log_file.close()
     return {"method": cfg.method, "optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
-            "eval_loss_start": start, "eval_loss": end, "train_loss_last": record["loss"],
+            "eval_loss_start": start, "eval_loss": end, "validation_loss": validation, "train_loss_last": record["loss"],
             "optimizer_state_bytes": optimizer_state_bytes(run_.optimizer),
             "trainable_params": sum(p.numel() for p in run_.trainable()), "train_seconds": run_.cum_seconds,
             "steps": cfg.steps, "device": str(run_.device),
@@ -75,14 +77,15 @@ def _finetune(overrides: dict) -> dict:
 
 
 def best_per_method(rows: list[dict]) -> dict[str, dict]:
-    """{method: its run with the lowest held-out loss}."""
-    return best_per(rows, "label", "eval_loss")
+    """{method: its run with the lowest validation loss (harness.selection_loss; its test loss is reported)}."""
+    return best_per(rows, "label", selection_loss)
 
 
 def run_all(scale: dict, workdir: Path, threads: int, model: str, out: str | None, isolated,
             device: str = "auto") -> list[dict]:
     common = {"device": device, "model": model, "steps": scale["steps"], "batch_size": scale["batch_size"],
-              "max_length": scale["max_length"], "eval_examples": scale["eval_examples"], "eval_every": 0,
+              "max_length": scale["max_length"], "eval_examples": scale["eval_examples"],
+              "validation_examples": scale["validation_examples"], "eval_every": 0,
               "sample": False, "count_flops": False, "precision": scale["precision"], "threads": threads,
               "overwrite": True, "warmup_steps": 2, "seed": 0}
     rows = []

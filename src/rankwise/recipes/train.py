@@ -122,6 +122,10 @@ class Run:
     def test_loss(self) -> float:
         return mean_loss(self.scorer, self.test_batches, self.autocast)
 
+    def validation_loss(self) -> float | None:
+        """The loss settings are chosen on (validation_examples of the validation split); None when off."""
+        return mean_loss(self.scorer, self.validation_batches, self.autocast) if self.validation_batches else None
+
     def state_dict(self) -> dict:
         """Every rank calls this (FSDP gathers); per-rank parts (RNG, hook state) are kept per rank."""
         per_rank = {"rng": runtime.rng_state(), "hooks": {h.name: h.state_dict() for h in self.hooks},
@@ -424,9 +428,8 @@ def _loop(run: Run, say) -> dict:
         return {"stopped": run.stop_reason, "step": run.step, "checkpoint": str(saved)}
     final_loss = run.test_loss()
     run.log({"kind": "eval", "eval_loss": final_loss})
-    validation_loss = None
-    if run.validation_batches:
-        validation_loss = mean_loss(run.scorer, run.validation_batches, run.autocast)
+    validation_loss = run.validation_loss()
+    if validation_loss is not None:
         run.log({"kind": "eval", "validation_loss": validation_loss})
     first_loss = None
     if run.world.main:
