@@ -36,14 +36,14 @@ def test_parse_grid_and_bad_sweeps_are_refused_before_training(tmp_path, capsys)
 
 
 def test_verdict_uses_each_optimizers_best_run():
-    def row(name, lr, loss, state, matrices):
-        return {"optimizer": name, "lr": lr, "val_loss": loss, "optimizer_state_bytes": state,
+    def row(name, lr, loss, state, matrices):  # chosen on val_loss, compared on test_loss (here val + 0.1)
+        return {"optimizer": name, "lr": lr, "val_loss": loss, "test_loss": loss + 0.1, "optimizer_state_bytes": state,
                 "matrix_state_bytes": matrices}
     rows = [row("galore", 1e-2, 4.2, 800, 300), row("galore", 3e-2, 4.0, 800, 300),
             row("lorapre", 1e-2, 4.03, 500, 40), row("lorapre", 3e-2, 4.5, 500, 40),
             row("lorapre-muon", 3e-2, 4.2, 450, 20)]
     v = verdict(best_per_optimizer(rows))
-    assert v["lorapre"]["val_loss_rel_to_galore"] == pytest.approx(4.03 / 4.0 - 1)
+    assert v["lorapre"]["test_loss_rel_to_galore"] == pytest.approx(4.13 / 4.1 - 1)
     assert v["lorapre"]["loss_within_1pct"] and v["lorapre"]["matrices_at_most_one_sixth"]
     assert not v["lorapre"]["all_at_most_one_sixth"]
     assert not v["lorapre-muon"]["loss_within_1pct"]

@@ -32,10 +32,10 @@ def test_bad_overrides_are_refused():
 
 
 def test_stdlib_split_is_disjoint_and_holds_real_source():
-    train, val = stdlib_files()
-    assert len(train) > 100 and len(val) > 5
-    assert not set(train) & set(val)
-    assert any(p.name == "argparse.py" for p in train + val)
+    train, val, test = stdlib_files()
+    assert len(train) > 100 and len(val) > 2 and len(test) > 2
+    assert not set(train) & set(val) and not set(train) & set(test) and not set(val) & set(test)
+    assert any(p.name == "argparse.py" for p in train + val + test)
 
 
 @pytest.mark.parametrize("optimizer", ["lorapre", "lorapre-muon"])
@@ -48,6 +48,7 @@ def test_tiny_pretrain_lowers_validation_loss_and_saves(tmp_path, cache, optimiz
     assert sum(r["kind"] == "train" for r in records) == 20
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 10, 20]
     assert json.loads((out / "summary.json").read_text())["val_loss"] == summary["val_loss"]
+    assert summary["test_loss"] < summary["val_loss_start"] - 0.3 and summary["test_loss"] != summary["val_loss"]
     from transformers import LlamaForCausalLM
     model = LlamaForCausalLM.from_pretrained(out / "model")
     assert sum(p.numel() for p in model.parameters()) == summary["params"]

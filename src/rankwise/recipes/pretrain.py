@@ -120,15 +120,19 @@ def check(cfg: PretrainConfig) -> None:
 
 
 # ---- data ----------------------------------------------------------------------------------------
-def stdlib_files() -> tuple[list[Path], list[Path]]:
-    """The standard library's .py files (no test suites), split by a hash of the path: (train, val)."""
+def stdlib_files() -> tuple[list[Path], list[Path], list[Path]]:
+    """The standard library's .py files (no test suites), split by a hash of the path: (train, val, test).
+    One file in 20 is held out; half of those are the validation files (what settings are chosen on), the
+    other half the test files (what is reported)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
     files = sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
     order = sorted(files, key=lambda p: zlib.crc32(str(p.relative_to(root)).encode()))
-    val = [p for p in order if zlib.crc32(str(p.relative_to(root)).encode()) % 20 == 0]
-    train = [p for p in order if p not in set(val)]
-    return train, val
+    held = {p: zlib.crc32(str(p.relative_to(root)).encode()) % 40 for p in order}
+    val = [p for p in order if held[p] == 0]
+    test = [p for p in order if held[p] == 20]
+    train = [p for p in order if held[p] % 20]
+    return train, val, test
 
 
 def _read(files: list[Path], budget_bytes: float) -> list[str]:
@@ -143,18 +147,19 @@ def _read(files: list[Path], budget_bytes: float) -> list[str]:
 
 
 def prepare_data(cfg: PretrainConfig, say=print):
-    """(tokenizer, train token ids, val token ids), built once per (python, vocab, corpus_mb) and cached."""
+    """(tokenizer, train, val and test token ids), built once per (python, vocab, corpus_mb) and cached."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-v{cfg.vocab}-mb{cfg.corpus_mb:g}"
+    # (-split2: held-out files split into validation and test; before that, all of them were validation)
+    key = f"stdlib-py{sys.version_info.major}.{sys.version_info.minor}-v{cfg.vocab}-mb{cfg.corpus_mb:g}-split2"
     cache = Path(cfg.cache).expanduser() / key
-    if (cache / "val.pt").is_file():
+    if (cache / "test.pt").is_file():
         tok = Tokenizer.from_file(str(cache / "tokenizer.json"))
-        return tok, torch.load(cache / "train.pt"), torch.load(cache / "val.pt")
+        return tok, *(torch.load(cache / f"{name}.pt") for name in ("train", "val", "test"))
     start = time.perf_counter()
-    train_files, val_files = stdlib_files()
+    train_files, val_files, test_files = stdlib_files()
     train_texts = _read(train_files, cfg.corpus_mb * 1e6)
-    val_texts = _read(val_files, cfg.corpus_mb * 1e6 / 20)
+    val_texts, test_texts = _read(val_files, cfg.corpus_mb * 1e6 / 40), _read(test_files, cfg.corpus_mb * 1e6 / 40)
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -167,18 +172,19 @@ def prepare_data(cfg: PretrainConfig, say=print):
         ids = [i for enc in tok.encode_batch(texts) for i in (*enc.ids, eos)]
         return torch.tensor(ids, dtype=torch.int16 if cfg.vocab < 2 ** 15 else torch.int32)
 
-    train_ids, val_ids = stream(train_texts), stream(val_texts)
+    train_ids, val_ids, test_ids = stream(train_texts), stream(val_texts), stream(test_texts)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=cache.parent, prefix=f".{key}."))
     tok.save(str(tmp / "tokenizer.json"))
-    torch.save(train_ids, tmp / "train.pt")
-    torch.save(val_ids, tmp / "val.pt")
-    for name in ("tokenizer.json", "train.pt", "val.pt"):  # val.pt last: its presence marks a complete cache
+    for name, ids in (("train", train_ids), ("val", val_ids), ("test", test_ids)):
+        torch.save(ids, tmp / f"{name}.pt")
+    for name in ("tokenizer.json", "train.pt", "val.pt", "test.pt"):  # test.pt last: it marks a complete cache
         os.replace(tmp / name, cache / name)
     shutil.rmtree(tmp, ignore_errors=True)
-    say(f"data: {len(train_texts)} train / {len(val_texts)} val files, {len(train_ids):,} / {len(val_ids):,} "
-        f"tokens, BPE vocab {tok.get_vocab_size()} ({time.perf_counter() - start:.0f} s, cached in {cache})")
-    return tok, train_ids, val_ids
+    say(f"data: {len(train_texts)} train / {len(val_texts)} val / {len(test_texts)} test files, {len(train_ids):,} / "
+        f"{len(val_ids):,} / {len(test_ids):,} tokens, BPE vocab {tok.get_vocab_size()} "
+        f"({time.perf_counter() - start:.0f} s, cached in {cache})")
+    return tok, train_ids, val_ids, test_ids
 
 
 def windows(ids: torch.Tensor, starts: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -200,7 +206,7 @@ def build_model(cfg: PretrainConfig, vocab_size: int):
 
 @torch.no_grad()
 def validation_loss(model, val_ids: torch.Tensor, cfg: PretrainConfig, device, autocast) -> float:
-    """Mean next-token loss (nats) over fixed, evenly spaced validation windows."""
+    """Mean next-token loss (nats) over fixed, evenly spaced windows of a held-out stream (validation or test)."""
     n = cfg.eval_batches * cfg.batch_size
     starts = torch.linspace(0, len(val_ids) - cfg.seq_len - 1, n).long()
     was = model.training
@@ -223,7 +229,7 @@ def run(cfg: PretrainConfig, say=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    tok, train_ids, val_ids = prepare_data(cfg, say)
+    tok, train_ids, val_ids, test_ids = prepare_data(cfg, say)
     runtime.seed_everything(cfg.seed)
     device = runtime.pick_device(cfg.device)
     autocast = runtime.autocast_for(cfg.precision, device)
@@ -274,12 +280,13 @@ def run(cfg: PretrainConfig, say=print) -> dict:
                 bar.write(f"step {step}: val loss {val:.4f}")
         bar.close()
         val = float("inf") if diverged else validation_loss(model, val_ids, cfg, device, autocast)
-        log.write({"kind": "eval", "step": step, "val_loss": val})
+        test = float("inf") if diverged else validation_loss(model, test_ids, cfg, device, autocast)
+        log.write({"kind": "eval", "step": step, "val_loss": val, "test_loss": test})
     finally:
         log.close()
     summary = {"optimizer": cfg.optimizer, "rank": cfg.rank, "lr": cfg.lr,
                "update_scale": cfg.optimizer_args.get("scale"), "steps": step, "diverged": diverged,
-               "val_loss_start": val_start, "val_loss": val,
+               "val_loss_start": val_start, "val_loss": val, "test_loss": test,
                "val_ppl": math.exp(val) if math.isfinite(val) and val < 50 else float("inf"),
                "train_loss": loss, "params": n_params, "optimizer_state_bytes": optimizer_state_bytes(optimizer),
                # the attention / MLP matrices only: where low-rank state differs from Adam's
