@@ -9,15 +9,12 @@ inside the same optimizer, as the package's README sets it up. APOLLO-Mini is
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
-import sys
-import types
 from dataclasses import dataclass
 
 from rankwise.optim import OptimizerSpec, register
 from rankwise.optim.lora_pre import FULL_WEIGHTS, _targets
-from rankwise.optim.lowrank import low_rank_groups
+from rankwise.optim.lowrank import low_rank_groups, without_8bit
 from rankwise.options import POSITIVE, POSITIVE_INT, check, one_of
 
 MISSING = "optimizer 'apollo' needs the apollo-torch package: pip install --no-deps apollo-torch"
@@ -28,17 +25,7 @@ PROJ_TYPES = ("std", "reverse_std", "right", "left")  # apollo_torch's projector
 def apollo_adamw_class():
     """apollo_torch.apollo.AdamW. The package's __init__ also imports its 8-bit variants, which need
     bitsandbytes; without bitsandbytes we load the plain module of the same installed package."""
-    try:
-        from apollo_torch import APOLLOAdamW
-        return APOLLOAdamW
-    except ImportError:
-        spec = importlib.util.find_spec("apollo_torch")
-        if spec is None:
-            raise ImportError(MISSING) from None
-        package = types.ModuleType("apollo_torch")
-        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["apollo_torch"] = package
-        return importlib.import_module("apollo_torch.apollo").AdamW
+    return without_8bit("apollo_torch", "APOLLOAdamW", "apollo", "AdamW", MISSING)
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,12 @@ plain Adam inside the same GaLoreAdamW, exactly as the package's README sets it 
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
-import sys
-import types
 from dataclasses import dataclass
 
 from rankwise.optim import OptimizerSpec, register
 from rankwise.optim.lora_pre import FULL_WEIGHTS
-from rankwise.optim.lowrank import low_rank_groups
+from rankwise.optim.lowrank import low_rank_groups, without_8bit
 from rankwise.options import POSITIVE, POSITIVE_INT, check, one_of
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")  # galore_torch's GaLoreProjector
@@ -25,17 +22,8 @@ PROJ_TYPES = ("std", "reverse_std", "right", "left", "full")  # galore_torch's G
 def galore_adamw_class():
     """galore_torch.GaLoreAdamW. The package's __init__ also imports its 8-bit variant, which needs
     bitsandbytes; without bitsandbytes we load the plain AdamW module of the same installed package."""
-    try:
-        from galore_torch import GaLoreAdamW
-        return GaLoreAdamW
-    except ImportError:
-        spec = importlib.util.find_spec("galore_torch")
-        if spec is None:
-            raise ImportError("optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
-        package = types.ModuleType("galore_torch")
-        package.__path__, package.__spec__ = list(spec.submodule_search_locations), spec
-        sys.modules["galore_torch"] = package
-        return importlib.import_module("galore_torch.adamw").AdamW
+    return without_8bit("galore_torch", "GaLoreAdamW", "adamw", "AdamW",
+                        "optimizer 'galore' needs the galore-torch package: pip install --no-deps galore-torch")
 
 
 @dataclass(frozen=True)

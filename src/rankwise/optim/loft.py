@@ -16,7 +16,6 @@ L = s·B and R = A; for A, L = Aᵀ and R = (s·B)ᵀ. State of A is therefore k
 from __future__ import annotations
 
 import functools
-import sys
 from dataclasses import dataclass
 
 import torch

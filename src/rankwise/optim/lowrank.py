@@ -2,10 +2,31 @@
 which weights get rank-r state, and how many bytes an optimizer's state holds."""
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
+import types
+
 import torch
 from torch import nn
 
 __all__ = ["low_rank_groups", "optimizer_state_bytes"]
+
+
+def without_8bit(package: str, name: str, module: str, attr: str, missing: str):
+    """`package.name`, or, when the package's __init__ fails on its 8-bit variants (they import bitsandbytes),
+    `package.module.attr` loaded from the same installed package with that __init__ skipped. ImportError
+    with `missing` when the package is not installed. (galore-torch and apollo-torch are laid out alike.)"""
+    try:
+        return getattr(importlib.import_module(package), name)
+    except ImportError:
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            raise ImportError(missing) from None
+        shell = types.ModuleType(package)
+        shell.__path__, shell.__spec__ = list(spec.submodule_search_locations), spec
+        sys.modules[package] = shell
+        return getattr(importlib.import_module(f"{package}.{module}"), attr)
 
 
 def low_rank_groups(model: nn.Module, rank: int, targets=None, rest: str = "adamw") -> list[dict]:
