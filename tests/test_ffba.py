@@ -229,7 +229,8 @@ def test_fused_follows_the_configured_attention_function():
                                   ["--task-examples", "-1"], ["--ffba-adapters", "sideways"],
                                   ["--ffba-adapters", "both,both"], ["--ffba-splits", "1"], ["--ffba-splits", "0"],
                                   ["--lora-targets", "q+x"], ["--lora-targets", "q+q"],
-                                  ["--validation-examples", "-1"]])
+                                  ["--validation-examples", "-1"], ["--lora-inits", "pisa"],
+                                  ["--lora-inits", "eva"], ["--lora-inits", "pissa,pissa"]])
 def test_quality_bench_refuses_bad_sweeps_before_loading(args, capsys):
     from rankwise.bench.latency import main
 

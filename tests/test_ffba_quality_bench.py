@@ -46,6 +46,10 @@ def test_quality_arms_give_every_setting_all_linear_loras_budget():
     assert both["method_args.adapters"] == "both" and both["method_args.split"] == 0.25
     assert both["rank"] == rank_for_budget(model, budget, adapters="both", split=0.25)
     assert "method_args.split" not in arms["ffba backward s=32 (identity)"]
+    inits = quality_arms(model, 4, ["lora"], ["all-linear"], [8.0], [], [], [], [], [], ("default", "pissa"))
+    assert set(inits) == {"lora s=8", "lora pissa s=8"}
+    assert inits["lora pissa s=8"]["method_args.init_lora_weights"] == "pissa"
+    assert "method_args.init_lora_weights" not in inits["lora s=8"]
 
 
 def test_lr_is_chosen_on_validation_and_test_loss_is_reported(monkeypatch, tmp_path):

@@ -228,6 +228,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--lora-targets", default="all-linear",
                    help="LoRA/DoRA target sets trained by --quality, comma separated: all-linear or a '+'-joined subset "
                         "of q, k, v, o, gate, up, down (each at the rank of all-linear's budget)")
+    p.add_argument("--lora-inits", default="default",
+                   help="LoRA/DoRA initialisations trained by --quality, comma separated: default or a PEFT "
+                        "init_lora_weights name (pissa, olora, gaussian, ...)")
     p.add_argument("--ffba-adapters", default="forward",
                    help="FFBA adapter kinds: forward | backward | both; --quality trains each (comma separated), "
                         "the latency run times one")
@@ -266,6 +269,17 @@ def main(argv: list[str]) -> int:
                                for t in lora_targets):
         p.error(f"--lora-targets: each is all-linear or a '+'-joined subset of {', '.join(LORA_MODULES)}, "
                 f"got {ns.lora_targets!r}")
+    inits = [i for i in ns.lora_inits.split(",") if i]
+    try:
+        from rankwise.methods.peft_lora import check_init_name
+
+        for init in inits:
+            if init != "default":
+                check_init_name(init)
+    except ValueError as e:
+        p.error(f"--lora-inits: {e}")
+    if not inits or len(set(inits)) != len(inits):
+        p.error(f"--lora-inits: distinct names, comma separated, got {ns.lora_inits!r}")
     if ns.validation_examples is not None and ns.validation_examples < 0:
         p.error(f"--validation-examples: a whole number >= 0, got {ns.validation_examples}")
     seeds = [x.strip() for x in ns.seeds.split(",") if x.strip()]
@@ -315,13 +329,13 @@ def main(argv: list[str]) -> int:
             task_examples = scale["task_examples"] if ns.task_examples is None else ns.task_examples
             validation = scale["validation_examples"] if ns.validation_examples is None else ns.validation_examples
             arms = quality_arms(base, lora_rank, methods, lora_targets, lora_scales, placements, acts, ffba_scales,
-                                kinds, splits)
+                                kinds, splits, tuple(inits))
             quality_rows = quality(name, arms, steps, lrs, Path(tmp), ns.scale == "tiny",
                                    ns.batch_size or scale["batch_size"], ns.eval_examples or scale["eval_examples"],
                                    ns.precision, tuple(seeds), task_examples, str(device), validation)
             record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples,
                            "validation_examples": validation, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales,
-                           "lora_scales": lora_scales, "lora_targets": lora_targets, "ffba_adapters": kinds,
+                           "lora_scales": lora_scales, "lora_targets": lora_targets, "lora_inits": inits, "ffba_adapters": kinds,
                            "ffba_splits": splits, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
             print(_quality_table(quality_rows))

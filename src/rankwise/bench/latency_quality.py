@@ -33,10 +33,12 @@ def lora_params_per_rank(model, targets: str = "all-linear") -> int:
 
 
 def quality_arms(base, lora_rank: int, methods: list[str], lora_targets: list[str], lora_scales, placements: list[str],
-                 activations: list[str], ffba_scales, ffba_adapters: list[str], ffba_splits) -> dict[str, dict]:
+                 activations: list[str], ffba_scales, ffba_adapters: list[str], ffba_splits,
+                 lora_inits: tuple[str, ...] = ("default",)) -> dict[str, dict]:
     """{label: the run's overrides} for every setting --quality trains, each at the trainable budget of
-    all-linear LoRA at `lora_rank`: LoRA and DoRA once per target set (its own rank) and scale s = alpha/rank,
-    FFBA once per placement, activation, scale and adapter kind (forward, backward, both at each split)."""
+    all-linear LoRA at `lora_rank`: LoRA and DoRA once per target set (its own rank), PEFT initialisation
+    (`lora_inits`: "default" or an init_lora_weights name) and scale s = alpha/rank; FFBA once per placement,
+    activation, scale and adapter kind (forward, backward, both at each split)."""
     from rankwise.ffba.inject import rank_for_budget
 
     budget = lora_rank * lora_params_per_rank(base)
@@ -44,11 +46,15 @@ def quality_arms(base, lora_rank: int, methods: list[str], lora_targets: list[st
     for method in (m for m in ("lora", "dora") if m in methods):
         for targets in lora_targets:
             rank = max(1, round(budget / lora_params_per_rank(base, targets)))
-            for scale in lora_scales:
-                label = method + ("" if targets == "all-linear" else f" {targets}") + _scale_tag(scale)
-                arms[label] = {"method": method, "rank": rank, "alpha": scale * rank, "targets": targets}
-                if targets != "all-linear":  # (the default)
-                    arms[label]["target_modules"] = lora_modules(targets)
+            for init in lora_inits:
+                for scale in lora_scales:
+                    label = (method + ("" if targets == "all-linear" else f" {targets}")
+                             + ("" if init == "default" else f" {init}") + _scale_tag(scale))
+                    arms[label] = {"method": method, "rank": rank, "alpha": scale * rank, "targets": targets}
+                    if targets != "all-linear":  # (the default)
+                        arms[label]["target_modules"] = lora_modules(targets)
+                    if init != "default":
+                        arms[label]["method_args.init_lora_weights"] = init
     if "ffba" not in methods:
         return arms
     for adapters in ffba_adapters:
