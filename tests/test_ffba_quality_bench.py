@@ -78,6 +78,25 @@ def test_lr_is_chosen_on_validation_and_test_loss_is_reported(monkeypatch, tmp_p
     assert out["lora"]["best_lr"] == 0.02 and out["lora"]["chosen_by"] == "eval_loss"  # no validation: test
 
 
+def test_a_diverged_run_is_never_chosen_and_the_sweep_goes_on(monkeypatch, tmp_path):
+    import rankwise.recipes.train as recipe
+
+    def fake_train(cfg, say):
+        if cfg.lr > 0.015:
+            raise recipe.TrainingDiverged("loss became nan at step 3; stopping (no checkpoint was saved yet)")
+        return {"eval_loss": 2.5, "eval_loss_start": 4.0, "validation_loss": 2.4, "rouge_l": None, "cum_seconds": 1.0}
+
+    monkeypatch.setattr(recipe, "train", fake_train)
+    saved = []
+    arms = {"lora": {"method": "lora", "rank": 4, "alpha": 8}, "dora": {"method": "dora", "rank": 4, "alpha": 8}}
+    out = quality("default", arms, 3, [0.02, 0.01], tmp_path, False, 2, 4, "fp32", validation_examples=8,
+                  progress=lambda rows: saved.append(list(rows)))
+    assert out["lora"]["best_lr"] == 0.01 and out["lora"]["eval_loss"] == 2.5
+    assert out["lora"]["sweep"]["0.02"]["eval_loss"] == float("inf")
+    assert out["lora"]["sweep"]["0.02"]["diverged"] == {"0": "loss became nan at step 3"}
+    assert saved == [["lora"], ["lora", "dora"]]  # what a stopped sweep would have kept
+
+
 def test_latency_bench_times_the_adapter_kind_it_was_asked_for():
     from rankwise.bench.latency import build_variants
 

@@ -330,14 +330,20 @@ def main(argv: list[str]) -> int:
             validation = scale["validation_examples"] if ns.validation_examples is None else ns.validation_examples
             arms = quality_arms(base, lora_rank, methods, lora_targets, lora_scales, placements, acts, ffba_scales,
                                 kinds, splits, tuple(inits))
-            quality_rows = quality(name, arms, steps, lrs, Path(tmp), ns.scale == "tiny",
-                                   ns.batch_size or scale["batch_size"], ns.eval_examples or scale["eval_examples"],
-                                   ns.precision, tuple(seeds), task_examples, str(device), validation)
             record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples,
                            "validation_examples": validation, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales,
                            "lora_scales": lora_scales, "lora_targets": lora_targets, "lora_inits": inits, "ffba_adapters": kinds,
                            "ffba_splits": splits, "steps": steps, "lrs": lrs, "precision": ns.precision,
-                           "batch_size": ns.batch_size or scale["batch_size"], "quality": quality_rows})
+                           "batch_size": ns.batch_size or scale["batch_size"]})
+
+            def save_so_far(rows: dict) -> None:  # a stopped sweep keeps the settings it finished
+                if ns.out:
+                    write_json(ns.out, {**record, "partial": True, "quality": rows}, default=str)
+
+            quality_rows = quality(name, arms, steps, lrs, Path(tmp), ns.scale == "tiny",
+                                   ns.batch_size or scale["batch_size"], ns.eval_examples or scale["eval_examples"],
+                                   ns.precision, tuple(seeds), task_examples, str(device), validation, save_so_far)
+            record["quality"] = quality_rows
             print(_quality_table(quality_rows))
         else:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(

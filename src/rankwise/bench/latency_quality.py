@@ -82,15 +82,17 @@ def ffba_rank_for(model, lora_rank: int, blocks: int = 2) -> int:
 
 def quality(model_name: str, arms: dict[str, dict], steps: int, lrs: list[float], workdir: Path, tiny: bool,
             batch_size: int, eval_examples: int, precision: str, seeds: tuple[int, ...] = (0,),
-            task_examples: int = 0, device: str = "auto", validation_examples: int = 0) -> dict:
+            task_examples: int = 0, device: str = "auto", validation_examples: int = 0, progress=None) -> dict:
     """Test loss after `steps` steps of the recipe for every arm of `quality_arms`, each at every lr of `lrs`
     and every seed of `seeds` (adapter initialisation and data order; the evaluation sets stay the same); a
     sweep point's losses are means over the seeds. Each arm's lr is chosen on the validation split
     (`validation_examples` of it; on the test set itself, the same favour for all, when 0) and its test loss
     at that lr is reported. With `task_examples`, each run also answers that many test prompts greedily
-    and reports their mean ROUGE-L F1 against the references (the task metric). Runs train on `device`."""
+    and reports their mean ROUGE-L F1 against the references (the task metric). Runs train on `device`.
+    A run whose loss diverges counts as infinitely bad (it can never be chosen) and the sweep goes on;
+    `progress(results so far)` is called after each setting (e.g. to save them)."""
     from rankwise.config import load_config
-    from rankwise.recipes.train import train
+    from rankwise.recipes import train as recipe
 
     common = {"model": model_name, "steps": steps, "sample": False, "precision": precision,
               "eval_every": 0, "count_flops": False, "batch_size": batch_size,
@@ -109,7 +111,15 @@ def quality(model_name: str, arms: dict[str, dict], steps: int, lrs: list[float]
             for seed in seeds:
                 run = {**common, **overrides, "lr": lr, "seed": seed,
                        "out": str(workdir / f"{_slug(label)}-lr{lr:g}-seed{seed}")}
-                summary = train(load_config(None, run), say=lambda *a: None)
+                try:
+                    summary = recipe.train(load_config(None, run), say=lambda *a: None)
+                except recipe.TrainingDiverged as e:
+                    summary = {"eval_loss_start": float("nan"), "eval_loss": float("inf"), "cum_seconds": 0.0,
+                               "validation_loss": float("inf") if validation_examples else None,
+                               "rouge_l": None, "diverged": str(e).split(";")[0]}
+                    print(f"  {label:<26} rank {arm['rank']:>3} lr {lr:<7g}: {summary['diverged']}", flush=True)
+                    per_seed[seed] = summary
+                    continue
                 per_seed[seed] = summary
                 print(f"  {label:<26} rank {arm['rank']:>3} lr {lr:<7g}" + (f" seed {seed}" if len(seeds) > 1 else "")
                       + f": test loss {summary['eval_loss_start']:.4f} -> {summary['eval_loss']:.4f}"
@@ -121,6 +131,8 @@ def quality(model_name: str, arms: dict[str, dict], steps: int, lrs: list[float]
         results[label] = {"method": arm["method"], "rank": arm["rank"], "alpha": arm["alpha"],
                           "targets": arm.get("targets"), "sweep": sweep, "best_lr": float(best),
                           "chosen_by": chosen_by, **sweep[best]}
+        if progress is not None:
+            progress(results)
     return results
 
 
@@ -135,6 +147,8 @@ def _over_seeds(per_seed: dict[int, dict]) -> dict:
              "eval_loss": statistics.fmean(r["eval_loss"] for r in runs),
              "train_seconds": sum(r["cum_seconds"] for r in runs),
              "seeds": {str(seed): r["eval_loss"] for seed, r in per_seed.items()}}
+    if any("diverged" in r for r in runs):
+        point["diverged"] = {str(seed): r["diverged"] for seed, r in per_seed.items() if "diverged" in r}
     if all(r.get("validation_loss") is not None for r in runs):
         point["validation_loss"] = statistics.fmean(r["validation_loss"] for r in runs)
         point["validation_seeds"] = {str(seed): r["validation_loss"] for seed, r in per_seed.items()}
