@@ -23,16 +23,10 @@ from pathlib import Path
 import torch
 
 from rankwise.bench import register, write_json
+from rankwise.bench.latency import _nonzero_, ffba_up_projections
 
 SCALES = {"tiny": {"prompts": 4, "prompt_tokens": 16, "new_tokens": 8, "lora_rank": 4},
           "default": {"prompts": 32, "prompt_tokens": 48, "new_tokens": 32, "lora_rank": 12}}
-
-
-def _nonzero_(params, seed: int, std: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * std)
 
 
 @torch.inference_mode()
@@ -71,7 +65,7 @@ def build_pairs(base, lora_rank: int, variants: list[str], std: float, build: st
     """{pair name: (fp32 reference, bf16 reference, bf16 candidate, trainable parameters, effect)}; `ids`: the
     prompts the effects are measured on."""
     from rankwise.config import Config
-    from rankwise.ffba import Settings, adapters, fuse, inject, junctions
+    from rankwise.ffba import Settings, fuse, inject
     from rankwise.ffba.inject import rank_for_budget
     from rankwise.methods import get_method
 
@@ -88,7 +82,7 @@ def build_pairs(base, lora_rank: int, variants: list[str], std: float, build: st
     for variant in variants:
         rank = rank_for_budget(base, budget, adapters=variant)
         unfused = inject(copy.deepcopy(base), Settings(rank=rank, alpha=2 * rank, adapters=variant).check())
-        ups = [a.B for a in adapters(unfused).values()] + [r.B for j in junctions(unfused).values() for r in j.receivers]
+        ups = ffba_up_projections(unfused)
         _nonzero_(ups, seed=1, std=std)
         reached = match_effect_(unfused.eval(), ups, target, base_logits, ids)
         n = sum(p.numel() for p in unfused.parameters() if p.requires_grad)

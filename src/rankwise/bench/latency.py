@@ -44,12 +44,31 @@ def n_trainable(model) -> int:
 
 
 # ---- the six configurations ---------------------------------------------------------------------------
-def _nonzero_(params, seed: int) -> None:
+def _nonzero_(params, seed: int, std: float = 0.02) -> None:
     """Give zero-initialised up-projections values, as training would (timing is value-blind, merging is not)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in params:
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            p.copy_(torch.randn(p.shape, generator=gen) * std)
+
+
+def ffba_up_projections(model) -> list:
+    """An unfused FFBA model's zero-initialised up-projections: every forward adapter's B and every backward
+    adapter's receiving B."""
+    from rankwise.ffba import adapters, junctions
+
+    return [a.B for a in adapters(model).values()] + [r.B for j in junctions(model).values() for r in j.receivers]
+
+
+def plus_joined(option: str, text: str, allowed, also=()) -> list[str]:
+    """A comma-separated option whose items are '+'-joined subsets of `allowed` (no repeats) or one of `also`;
+    ValueError naming the option otherwise."""
+    items = [x for x in text.split(",") if x]
+    if not items or any(x not in also and (not set(x.split("+")) <= set(allowed)
+                                           or len(set(x.split("+"))) != len(x.split("+"))) for x in items):
+        raise ValueError(f"{option}: each is {' or '.join([*also, ''])}a '+'-joined subset of "
+                         f"{', '.join(allowed)}, got {text!r}")
+    return items
 
 
 def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
@@ -57,7 +76,7 @@ def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
     """{name: model in eval mode} and {name: trainable parameters before merging/fusing}; FFBA's adapters of
     `kind` (forward, backward or both at the default split)."""
     from rankwise.config import Config
-    from rankwise.ffba import Settings, adapters, fuse, inject, junctions
+    from rankwise.ffba import Settings, fuse, inject
     from rankwise.methods import get_method
 
     models, budgets = {"base": copy.deepcopy(base)}, {"base": 0}
@@ -73,8 +92,7 @@ def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
     unfused = inject(copy.deepcopy(base), Settings(rank=ffba_rank, alpha=2 * ffba_rank, activation=activation,
                                                    adapters=kind).check())
     budgets["ffba unfused"] = budgets["ffba fused"] = n_trainable(unfused)
-    _nonzero_([a.B for a in adapters(unfused).values()] + [r.B for j in junctions(unfused).values() for r in j.receivers],
-              seed=1)
+    _nonzero_(ffba_up_projections(unfused), seed=1)
     models["ffba unfused"] = unfused
     models["ffba fused"] = fuse(copy.deepcopy(unfused))
     return {name: models[name].eval() for name in VARIANTS}, {name: budgets[name] for name in VARIANTS}
@@ -251,10 +269,9 @@ def main(argv: list[str]) -> int:
         lrs = positive_numbers("--lr", ns.lr)
         ffba_scales = positive_numbers("--ffba-scales", ns.ffba_scales)
         lora_scales = positive_numbers("--lora-scales", ns.lora_scales)
-    except ValueError as e:
-        p.error(str(e))
-    try:
         splits = positive_numbers("--ffba-splits", ns.ffba_splits)
+        lora_targets = plus_joined("--lora-targets", ns.lora_targets, LORA_MODULES, also=("all-linear",))
+        placements = plus_joined("--ffba-blocks", ns.ffba_blocks, BLOCKS)
     except ValueError as e:
         p.error(str(e))
     if not all(x < 1 for x in splits):
@@ -263,12 +280,6 @@ def main(argv: list[str]) -> int:
     if not kinds or set(kinds) - set(ADAPTER_KINDS) or len(set(kinds)) != len(kinds) or (not ns.quality and len(kinds) > 1):
         p.error(f"--ffba-adapters: {'distinct values' if ns.quality else 'one'} of {', '.join(ADAPTER_KINDS)}, "
                 f"got {ns.ffba_adapters!r}")
-    lora_targets = [t for t in ns.lora_targets.split(",") if t]
-    if not lora_targets or any(t != "all-linear" and (not set(t.split("+")) <= set(LORA_MODULES)
-                                                      or len(set(t.split("+"))) != len(t.split("+")))
-                               for t in lora_targets):
-        p.error(f"--lora-targets: each is all-linear or a '+'-joined subset of {', '.join(LORA_MODULES)}, "
-                f"got {ns.lora_targets!r}")
     inits = [i for i in ns.lora_inits.split(",") if i]
     try:
         from rankwise.methods.peft_lora import check_init_name
@@ -293,10 +304,6 @@ def main(argv: list[str]) -> int:
     methods = [m for m in ns.methods.split(",") if m]
     if not methods or set(methods) - {"lora", "dora", "ffba"}:
         p.error(f"--methods: choose from lora, dora, ffba, got {ns.methods!r}")
-    placements = [b for b in ns.ffba_blocks.split(",") if b]
-    if not placements or any(not set(b.split("+")) <= set(BLOCKS) or len(set(b.split("+"))) != len(b.split("+"))
-                             for b in placements):
-        p.error(f"--ffba-blocks: each placement is a '+'-joined subset of {', '.join(BLOCKS)}, got {ns.ffba_blocks!r}")
     if ns.threads or ns.scale == "tiny":
         torch.set_num_threads(ns.threads or 1)
     scale = SCALES[ns.scale]
