@@ -111,3 +111,47 @@ def test_tiny_pretraining_runs_each_optimizer_in_its_own_process_and_judges_lora
     assert set(result["verdict"]) == {"lorapre"}  # the claim is checked for each LoRA-Pre variant that ran
     assert runs["lorapre"]["optimizer_state_bytes"] < runs["galore"]["optimizer_state_bytes"]
     assert all(r["peak_rss_growth_bytes"] > 0 for r in runs.values())  # measured in each run's forked child
+
+
+def test_finetune_same_betas_curves_and_lora_fa_steps_to_target(tmp_path, capsys):
+    import json
+
+    out = tmp_path / "ft.json"
+    assert main(["--finetune", "--scale", "tiny", "--steps", "3", "--optimizers", "lora,lorapre,lora-fa", "--betas",
+                 "0.9,0.95", "--curve-every", "1", "--workdir", str(tmp_path / "w"), "--out", str(out),
+                 "--lrs", "lora=3e-3;lorapre=1e-3;lora-fa=3e-3"]) == 0
+    result = json.loads(out.read_text())
+    by = {r["label"]: r for r in result["runs"]}
+    assert all(r["betas"] == [0.9, 0.95] for r in by.values())  # LoRA-Pre's own (0.9, 0.95) and LoRA's alike
+    for row in by.values():  # the test loss at 0, 1, 2 and the final step 3, which is the reported eval_loss
+        assert [step for step, _ in row["curve"]] == [0, 1, 2, 3]
+        assert row["curve"][0][1] == row["eval_loss_start"] and row["curve"][-1][1] == row["eval_loss"]
+    assert (by["lora-fa"]["method"], by["lora-fa"]["optimizer"]) == ("lora-fa", "adamw")
+    assert by["lora-fa"]["optimizer_state_bytes"] < 0.6 * by["lora"]["optimizer_state_bytes"]  # B's moments only
+    best = result["best"]
+    lora_final = best["lora"]["eval_loss"]
+    for row in best.values():
+        expected = next((s for s, loss in row["curve"] if loss <= lora_final), None)
+        assert row["steps_to_lora"] == expected
+    assert best["lora"]["steps_to_lora"] is not None  # LoRA reaches its own final loss, at the last step at latest
+    assert "lora-fa vs LoRA" in capsys.readouterr().out
+
+
+def test_steps_to_reach_is_the_first_step_at_or_below_the_target():
+    from rankwise.bench.optimizers_finetune import steps_to_reach
+
+    curve = [[0, 3.0], [5, 2.5], [10, 2.6], [15, 2.4]]
+    assert steps_to_reach(curve, 2.5) == 5  # at the target counts, the first such step wins
+    assert steps_to_reach(curve, 2.45) == 15
+    assert steps_to_reach(curve, 2.3) is None
+
+
+def test_finetune_betas_and_curves_are_checked_before_any_run(tmp_path):
+    work = tmp_path / "w"
+    for argv, message in ((["--finetune", "--betas", "0.9"], "--betas: expected two numbers"),
+                          (["--finetune", "--betas", "0.9,1.5"], r"lora: betas must lie in \[0, 1\)"),
+                          (["--curve-every", "5"], "--betas and --curve-every are for --finetune"),
+                          (["--finetune", "--curve-every", "-1"], "--curve-every: expected a step count")):
+        with pytest.raises(SystemExit, match=message):
+            main(["--scale", "tiny", "--workdir", str(work)] + argv)
+    assert not list(work.glob("finetune-tiny/lora-*"))  # no run started

@@ -148,6 +148,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def parse_betas(text: str) -> list[float]:
+    """'0.9,0.95' -> [0.9, 0.95]; SystemExit unless two numbers (their range is the recipe's check, run on
+    every setting before the first run trains)."""
+    try:
+        betas = [float(v) for v in text.split(",")]
+    except ValueError:
+        betas = []
+    if len(betas) != 2:
+        raise SystemExit(f"--betas: expected two numbers such as 0.9,0.95, got {text!r}")
+    return betas
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rankwise bench optimizers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,7 +180,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--finetune", action="store_true",
                         help="instead: fine-tune (tiny model, or the embedded default) with LoRA vs LoRA-Pre "
                              "at the same optimizer-state bytes, each lr-swept (--lrs 'lora=...;lorapre=...')")
+    parser.add_argument("--betas", help="with --finetune: the same AdamW betas for every method, e.g. 0.9,0.95")
+    parser.add_argument("--curve-every", type=int, default=0, metavar="K",
+                        help="with --finetune: score the test set every K steps and report each method's steps to "
+                             "LoRA's final test loss")
     args = parser.parse_args(argv)
+    betas = parse_betas(args.betas) if args.betas else None
+    if (betas or args.curve_every) and not args.finetune:
+        raise SystemExit("--betas and --curve-every are for --finetune")
+    if args.curve_every < 0:
+        raise SystemExit(f"--curve-every: expected a step count >= 0, got {args.curve_every}")
     from rankwise.runtime import resolve_device
 
     try:  # (runs go in-process when CUDA is present, so resolving here forks nothing after CUDA)
@@ -184,7 +205,7 @@ def main(argv: list[str]) -> int:
                              f"(known: {', '.join(finetune.METHODS)})")
         lrs = parse_grid(args.lrs, "--lrs", finetune.METHODS) if args.lrs else {}
         return finetune.main(args.scale, lrs, args.steps, args.threads or 0, args.workdir, args.out, isolated,
-                             methods, device)
+                             methods, device, betas, args.curve_every)
     args.threads = args.threads or 1
     scale = SCALES[args.scale]
     if args.lrs:
