@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from rankwise.bench._harness import builtin_jsonl
-from rankwise.bench.fast_forward import _tuned, compare, cost_to_reach
+from rankwise.bench.fast_forward import _tuned, compare, cost_to_reach, user_view
 
 # curve points: [optimizer step, cumulative FLOPs, cumulative seconds, held-out loss]
 BASELINE = {"best_eval": 2.2, "curve": [[0, 0.0, 0.0, 3.0], [2, 100.0, 10.0, 2.5], [4, 200.0, 20.0, 2.2],
@@ -36,6 +36,27 @@ def test_compare_gives_the_share_of_flops_seconds_and_steps_that_fast_forward_sa
     assert compare(BASELINE, slower)["flops_saved"] == pytest.approx(-1.0)  # twice the FLOPs: -100%
     missed = compare(BASELINE, {"curve": [[0, 0.0, 0.0, 3.0], [6, 300.0, 30.0, 2.21]]})
     assert not missed["reached"] and missed["ff_cost"] is None and "flops_saved" not in missed
+
+
+def _run(lr, curve):
+    return {"lr": lr, "curve": curve, "final_eval": curve[-1][3], "cum_flops": curve[-1][1], "cum_seconds": curve[-1][2]}
+
+
+def test_user_view_pays_the_whole_sweep_and_ff_up_to_the_worse_final_loss():
+    ff = _run(1e-4, [[0, 0.0, 0.0, 3.0], [4, 40.0, 4.0, 2.6], [8, 90.0, 9.0, 2.5]])
+    sweep = [_run(1e-3, [[0, 0.0, 0.0, 3.0], [8, 50.0, 6.0, 2.7]]), _run(3e-3, [[0, 0.0, 0.0, 3.0], [8, 50.0, 5.0, 2.4]])]
+    results = {"paper": {"ff": ff}, "tuned": {"sweep": sweep, "baseline": sweep[1]}}
+    view = user_view(results)
+    assert view["target"] == 2.5  # the worse of FF's 2.5 and the sweep's best 2.4: both reach it
+    assert view["sweep_flops"] == 100.0 and view["sweep_seconds"] == 11.0  # every run of the sweep, in full
+    assert view["ff_to_target"] == {"step": 8, "flops": 90.0, "seconds": 9.0}
+    assert view["flops_ratio"] == pytest.approx(0.9) and view["seconds_ratio"] == pytest.approx(9 / 11)
+    ff["curve"][-1][3] = ff["final_eval"] = 2.3  # FF ends better: it pays only up to the sweep's 2.4
+    view = user_view(results)
+    assert view["target"] == 2.4 and view["ff_to_target"]["step"] == 8  # 2.6 at step 4, then 2.3 at step 8 ...
+    ff["curve"].insert(2, [6, 60.0, 6.0, 2.4])
+    assert user_view(results)["ff_to_target"]["flops"] == 60.0  # ... the first evaluation at or below it
+    assert user_view({"paper": results["paper"]}) is None  # no sweep ran: nothing to compare
 
 
 def test_tuned_regime_runs_fast_forward_at_the_sweeps_best_lr():
@@ -93,3 +114,11 @@ def test_tiny_scale_runs_every_regime_and_reuse_keeps_every_finished_run(tmp_pat
         return [measured(v) for v in x] if isinstance(x, list) else x
 
     assert measured(again["results"]) == measured(first["results"])
+    tuned = first["results"]["tuned"]
+    assert first["user_view"]["sweep_flops"] == sum(r["cum_flops"] for r in tuned["sweep"])
+    # --report trains nothing and prints the same tables and choice from the file
+    shown = subprocess.run([sys.executable, "-m", "rankwise", "bench", "fast-forward", "--report",
+                            str(tmp_path / "ff.json")], capture_output=True, text=True, timeout=300)
+    assert shown.returncode == 0, shown.stderr[-3000:]
+    assert printed.split("total wall time")[0].split("| regime |")[1] in shown.stdout
+    assert "the user's choice: one FF run" in shown.stdout

@@ -49,7 +49,8 @@ SCALES = {
         "tuned": {"lrs": [3e-4, 1e-3, 3e-3], "schedule": "cosine", "warmup_steps": 2, "grad_accum": 2},
         "control": {"method": "full", "lr": 1e-5, "schedule": "constant", "steps": 12, "grad_accum": 2},
         "ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "cap": 64},
-        "reference_ff": {"interval": 6, "burn_in": 6, "tiny_examples": 32, "search": "reference",
+        # the paper's search (uncapped) on the same tiny set, interval and burn-in as rankwise's
+        "reference_ff": {"interval": 4, "burn_in": 4, "tiny_examples": 8, "search": "reference",
                          "backoff": 1.0, "cap": 1000},
     },
 }
@@ -131,6 +132,32 @@ def compare(baseline: dict, ff: dict) -> dict:
         out["seconds_saved"] = 1 - fast["seconds"] / base["seconds"]
         out["steps_saved"] = 1 - fast["step"] / max(1, base["step"])
     return out
+
+
+def user_view(results: dict) -> dict | None:
+    """The choice a user faces, from the paper and tuned regimes' runs: one Fast Forward run at an untuned lr
+    (the paper regime's) against the lr sweep a tuned baseline needs. The sweep is paid in full (its lr is
+    chosen after every run ends); FF pays up to its first held-out evaluation at or below the target, the
+    higher (worse) of the two final losses, which both reach. None unless both regimes ran."""
+    if "paper" not in results or "tuned" not in results:
+        return None
+    ff, sweep, best = results["paper"]["ff"], results["tuned"]["sweep"], results["tuned"]["baseline"]
+    target = max(ff["final_eval"], best["final_eval"])
+    reach = cost_to_reach(ff, target)  # its final evaluation at the latest
+    view = {"target": target, "ff_lr": ff["lr"], "ff_final": ff["final_eval"], "ff_flops": ff["cum_flops"],
+            "ff_seconds": ff["cum_seconds"], "ff_to_target": reach, "sweep_lrs": [r["lr"] for r in sweep],
+            "sweep_best_lr": best["lr"], "sweep_final": best["final_eval"],
+            "sweep_flops": sum(r["cum_flops"] for r in sweep), "sweep_seconds": sum(r["cum_seconds"] for r in sweep)}
+    return view | {"flops_ratio": reach["flops"] / view["sweep_flops"],
+                   "seconds_ratio": reach["seconds"] / view["sweep_seconds"]}
+
+
+def user_view_text(view: dict) -> str:
+    return (f"one FF run at lr {view['ff_lr']:g}: final {view['ff_final']:.4f}, {view['ff_flops'] / 1e12:.1f} TFLOPs, "
+            f"{view['ff_seconds']:.0f} s | the {len(view['sweep_lrs'])}-lr sweep (best lr {view['sweep_best_lr']:g}): "
+            f"final {view['sweep_final']:.4f}, {view['sweep_flops'] / 1e12:.1f} TFLOPs, {view['sweep_seconds']:.0f} s | "
+            f"to {view['target']:.4f}: FF {view['ff_to_target']['flops'] / 1e12:.1f} TFLOPs = {view['flops_ratio']:.2f}x "
+            f"the sweep's, {view['seconds_ratio']:.2f}x its seconds")
 
 
 # ---- the three regimes -------------------------------------------------------------------------------
@@ -256,8 +283,20 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the paper's own (linear) search in the paper regime")
     parser.add_argument("--lrs", help="comma-separated LRs for the tuned regime's baseline sweep")
+    parser.add_argument("--report", metavar="RESULTS.json",
+                        help="train nothing: print the tables of a results file this bench wrote (and --plot it)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every run")
     args = parser.parse_args(argv)
+    if args.report:
+        import json
+
+        results = json.loads(Path(args.report).read_text())["results"]
+        print(table(results))
+        if view := user_view(results):
+            print("\nthe user's choice: " + user_view_text(view))
+        if args.plot:
+            plot(results, Path(args.plot))
+        return 0
     regimes = [r for r in args.regimes.split(",") if r]
     if not regimes or set(regimes) - set(REGIMES):
         parser.error(f"--regimes takes a comma-separated subset of {', '.join(REGIMES)}, got {args.regimes!r}")
@@ -287,10 +326,12 @@ def main(argv: list[str]) -> int:
         results = run_all(scale, user, work, regimes=regimes, reference=not args.no_reference, reuse=reuse)
     report = table(results)
     print(report)
+    if view := user_view(results):
+        print("\nthe user's choice: " + user_view_text(view))
     elapsed = time.perf_counter() - started
     print(f"total wall time {elapsed:.0f} s")
     payload = {"scale": args.scale, "overrides": {k: v for k, v in user.items() if k != "data"},
-               "settings": scale, "results": results, "elapsed_seconds": elapsed,
+               "settings": scale, "results": results, "user_view": user_view(results), "elapsed_seconds": elapsed,
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.out:
         write_json(args.out, payload, indent=1)
