@@ -16,11 +16,9 @@ from rankwise.methods import get_method
 from rankwise.recipes.train import train
 from rankwise.validate import validate
 
+from _ffba_checks import fused_matches_and_resaves, relative
+
 QUIET = {"say": lambda *_: None}
-
-
-def _relative(a, b):
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _tiny(arch: str = "llama", layers: int = 3, seed: int = 0):
@@ -59,8 +57,8 @@ def test_fused_equals_unfused_logits(arch, variant, activation):
     fused_model = fuse(copy.deepcopy(unfused_model))
     with torch.no_grad():
         plain, unfused, fused = (m(input_ids=ids).logits for m in (base, unfused_model, fused_model))
-    assert _relative(unfused, plain) > 1e-2  # the adapters really change the output
-    assert _relative(fused, unfused) <= 1e-5
+    assert relative(unfused, plain) > 1e-2  # the adapters really change the output
+    assert relative(fused, unfused) <= 1e-5
     assert not any(isinstance(m, (Emit, Receive, Parallel)) for m in fused_model.modules())
     first, middle = fused_model.model.layers[0], fused_model.model.layers[1]
     assert isinstance(middle.self_attn, FusedAttention) and isinstance(middle.mlp, FusedMLP)
@@ -146,17 +144,7 @@ def test_training_learns_and_artifact_round_trips(tiny_cfg, tiny_model_dir, tmp_
     fused, _ = load_for_inference(None, cfg.out)  # what `rankwise generate --adapter RUN` loads
     assert isinstance(fused.model.layers[0].mlp, FusedMLP) and fused.model.layers[0].mlp.reads == "layers.0.attn"
     assert not any(p.requires_grad for p in fused.parameters())
-    unfused.eval()
-    with torch.no_grad():
-        a, b = unfused(input_ids=ids).logits, fused(input_ids=ids).logits
-    assert _relative(b, a) <= 1e-5
-
-    out = tmp_path / "resaved"
-    out.mkdir()
-    method.save(unfused, out)
-    again = method.load(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out, trainable=True).eval()
-    with torch.no_grad():
-        assert torch.equal(again(input_ids=ids).logits, a)
+    fused_matches_and_resaves(method, unfused, fused, ids, tiny_model_dir, tmp_path / "resaved")
 
 
 def test_version_1_artifact_still_loads(tiny_model_dir, tmp_path):
@@ -171,7 +159,7 @@ def test_version_1_artifact_still_loads(tiny_model_dir, tmp_path):
     loaded = get_method("ffba").load(copy.deepcopy(base), tmp_path, trainable=False)
     ids = torch.randint(5, 300, (2, 11))
     with torch.no_grad():
-        assert _relative(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+        assert relative(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
     assert loaded.ffba_settings.adapters == "forward"
 
 
@@ -199,7 +187,7 @@ def test_a_trained_model_can_be_copied_and_fused():
     copied = fuse(copy.deepcopy(model))
     ids = torch.randint(5, 300, (1, 7))
     with torch.no_grad():
-        assert _relative(copied(input_ids=ids).logits, model.eval()(input_ids=ids).logits) <= 1e-5
+        assert relative(copied(input_ids=ids).logits, model.eval()(input_ids=ids).logits) <= 1e-5
 
 
 @pytest.mark.parametrize("overrides, message", [
