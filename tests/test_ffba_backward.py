@@ -1,5 +1,6 @@
-"""FFBA backward (cross-junction) adapters and adapters=both: fused == unfused (logits, cached and uncached
-generation), the artifact (v2 round trip, v1 still loads), the budget formula, training, refusals."""
+"""FFBA backward (cross-junction) adapters and adapters=both, reading the hidden h or the normed x: fused ==
+unfused (logits, cached and uncached generation), the artifact (v3 round trip, v1 and v2 still load), the
+budget formula, training, refusals."""
 import copy
 import json
 
@@ -48,11 +49,13 @@ def _trained_like(model, settings: Settings, seed: int = 1, size: float = 0.2):
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
-@pytest.mark.parametrize("variant, activation", [("backward", "identity"), ("both", "identity"), ("both", "silu")])
-def test_fused_equals_unfused_logits(arch, variant, activation):
+@pytest.mark.parametrize("variant, activation, reads", [
+    ("backward", "identity", "hidden"), ("both", "identity", "hidden"), ("both", "silu", "hidden"),
+    ("backward", "identity", "normed"), ("both", "silu", "normed")])
+def test_fused_equals_unfused_logits(arch, variant, activation, reads):
     base = _tiny(arch)
     ids = torch.randint(5, 300, (3, 20))
-    settings = Settings(rank=6, alpha=12, adapters=variant, activation=activation).check()
+    settings = Settings(rank=6, alpha=12, adapters=variant, activation=activation, reads=reads).check()
     unfused_model = _trained_like(copy.deepcopy(base), settings)
     fused_model = fuse(copy.deepcopy(unfused_model))
     with torch.no_grad():
@@ -63,17 +66,21 @@ def test_fused_equals_unfused_logits(arch, variant, activation):
     first, middle = fused_model.model.layers[0], fused_model.model.layers[1]
     assert isinstance(middle.self_attn, FusedAttention) and isinstance(middle.mlp, FusedMLP)
     # z comes in as extra input columns of the one q/k/v(/A) GEMM and leaves as extra output rows of o_proj
+    # (reads=hidden) or of that same q/k/v GEMM (reads=normed)
     r_bwd, r_fwd = settings.backward_rank, settings.forward_rank
     assert middle.self_attn.qkvz.in_features == 64 + r_bwd and first.self_attn.qkvz.in_features == 64
-    assert middle.self_attn.o_proj.out_features == 64 + r_bwd
+    qkv = 64 + 2 * 32  # 2 of 4 heads for k and v
+    assert middle.self_attn.qkvz.out_features == qkv + r_fwd + (r_bwd if reads == "normed" else 0)
+    assert middle.self_attn.o_proj.out_features == 64 + (r_bwd if reads == "hidden" else 0)
     assert middle.self_attn.o_proj.in_features == 64 + (r_fwd if variant == "both" else 0)
 
 
-def test_backward_adapter_only_touches_the_next_blocks_inputs():
+@pytest.mark.parametrize("reads", ["hidden", "normed"])
+def test_backward_adapter_only_touches_the_next_blocks_inputs(reads):
     """B·z is added to the next sub-block's input projections, never to the residual: with only the
     attention→MLP junction of layer 0 non-zero, layer 0's attention output is unchanged, its MLP's is not."""
     base = _tiny()
-    model = inject(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters="backward"))
+    model = inject(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters="backward", reads=reads))
     junctions(model)["layers.0.attn"].set_B(torch.ones_like(junctions(model)["layers.0.attn"].B))
     seen, ids = {}, torch.randint(5, 300, (1, 8))
     for name, net in (("base", base), ("adapted", model)):
@@ -86,10 +93,12 @@ def test_backward_adapter_only_touches_the_next_blocks_inputs():
     assert not torch.allclose(seen["base", "mlp"], seen["adapted", "mlp"])
 
 
-@pytest.mark.parametrize("variant", ["backward", "both"])
-def test_cached_generation_equals_uncached_and_unfused(variant):
+@pytest.mark.parametrize("variant, reads", [("backward", "hidden"), ("both", "hidden"), ("backward", "normed"),
+                                           ("both", "normed")])
+def test_cached_generation_equals_uncached_and_unfused(variant, reads):
     base = _tiny()
-    unfused_model = _trained_like(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters=variant), seed=3, size=0.5)
+    unfused_model = _trained_like(copy.deepcopy(base), Settings(rank=4, alpha=8, adapters=variant, reads=reads),
+                                  seed=3, size=0.5)
     fused_model = fuse(copy.deepcopy(unfused_model))
     ids = torch.randint(5, 300, (2, 10))
     mask = torch.ones_like(ids)
@@ -102,19 +111,22 @@ def test_cached_generation_equals_uncached_and_unfused(variant):
     assert not torch.equal(fused_cached, base.generate(input_ids=ids, use_cache=True, **kwargs))
 
 
-@pytest.mark.parametrize("variant, blocks", [("backward", ("attn", "mlp")), ("both", ("attn", "mlp")),
-                                             ("backward", ("mlp",)), ("both", ("attn",))])
-def test_trainable_parameters_follow_the_formula(variant, blocks):
+@pytest.mark.parametrize("variant, blocks, reads", [
+    ("backward", ("attn", "mlp"), "hidden"), ("both", ("attn", "mlp"), "hidden"), ("backward", ("mlp",), "hidden"),
+    ("both", ("attn",), "hidden"), ("backward", ("attn", "mlp"), "normed"), ("both", ("mlp",), "normed")])
+def test_trainable_parameters_follow_the_formula(variant, blocks, reads):
     base = _tiny(layers=3)
-    settings = Settings(rank=7, alpha=7, adapters=variant, blocks=blocks, split=0.6 if variant == "both" else None)
+    settings = Settings(rank=7, alpha=7, adapters=variant, blocks=blocks, split=0.6 if variant == "both" else None,
+                        reads=reads)
     model = inject(copy.deepcopy(base), settings.check())
     n = sum(p.numel() for p in model.parameters() if p.requires_grad)
     d, ff, qkv, layers = 64, 96, 64 + 2 * 32, 3  # 2 of 4 heads for k and v
     r_bwd = 4 if variant == "both" else 7  # round(0.6 · 7)
     r_fwd = 7 - r_bwd
     forward = 2 * d * r_fwd * len(blocks) * layers
-    after_attn = r_bwd * (d + 2 * ff) * layers if "attn" in blocks else 0  # o_proj's input, gate+up's outputs
-    after_mlp = r_bwd * (ff + qkv) * (layers - 1) if "mlp" in blocks else 0  # the last MLP has no next block
+    # A reads o_proj's input (d) or down_proj's (ff), or with reads=normed the normed x (d); B feeds gate+up or q,k,v
+    after_attn = r_bwd * (d + 2 * ff) * layers if "attn" in blocks else 0
+    after_mlp = r_bwd * ((ff if reads == "hidden" else d) + qkv) * (layers - 1) if "mlp" in blocks else 0
     assert n == forward + after_attn + after_mlp == parameter_count(base, settings)
     expected = {f"layers.{i}.{b}" for i in range(layers) for b in blocks if (i, b) != (layers - 1, "mlp")}
     assert set(junctions(model)) == expected
@@ -124,15 +136,15 @@ def test_trainable_parameters_follow_the_formula(variant, blocks):
         assert torch.equal(model(input_ids=ids).logits, base(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("variant", ["backward", "both"])
-def test_training_learns_and_artifact_round_trips(tiny_cfg, tiny_model_dir, tmp_path, variant):
+@pytest.mark.parametrize("variant, reads", [("backward", "hidden"), ("both", "hidden"), ("backward", "normed")])
+def test_training_learns_and_artifact_round_trips(tiny_cfg, tiny_model_dir, tmp_path, variant, reads):
     cfg = tiny_cfg(method="ffba", rank=8, alpha=16, steps=12, lr=1e-2, schedule="constant",
-                   **{"method_args.adapters": variant})
+                   **{"method_args.adapters": variant, "method_args.reads": reads})
     summary = train(cfg, **QUIET)
     assert summary["eval_loss"] < summary["eval_loss_start"] - 0.05
     adapter_dir = f"{summary['checkpoint']}/adapter"
     config = json.loads(open(f"{adapter_dir}/ffba_config.json").read())
-    assert config["version"] == 2 and config["adapters"] == variant
+    assert config["version"] == 3 and config["adapters"] == variant and config["reads"] == reads
     assert config["split"] == (0.5 if variant == "both" else None)
 
     method = get_method("ffba")
@@ -161,6 +173,43 @@ def test_version_1_artifact_still_loads(tiny_model_dir, tmp_path):
     with torch.no_grad():
         assert relative(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
     assert loaded.ffba_settings.adapters == "forward"
+
+
+def test_version_2_artifact_loads_as_reads_hidden(tiny_model_dir, tmp_path):
+    """An artifact written before `reads` existed (version 2) has backward adapters that read the hidden h."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    settings = Settings(rank=4, alpha=8, adapters="backward")
+    model = _trained_like(copy.deepcopy(base), settings)
+    io.save(model, settings, tmp_path)
+    raw = json.loads((tmp_path / "ffba_config.json").read_text())
+    del raw["reads"]
+    (tmp_path / "ffba_config.json").write_text(json.dumps({**raw, "version": 2}))
+    loaded = get_method("ffba").load(copy.deepcopy(base), tmp_path, trainable=False)
+    ids = torch.randint(5, 300, (2, 11))
+    with torch.no_grad():
+        assert relative(loaded(input_ids=ids).logits, model(input_ids=ids).logits) <= 1e-5
+    assert loaded.ffba_settings.reads == "hidden"
+
+
+def test_normed_reads_take_the_sub_blocks_normed_input():
+    """With reads=normed, z after a sub-block is A·x for that sub-block's normed input x (what its q/k/v or
+    gate/up read), not A·h of its output projection's input; the fused form carries the same z."""
+    model = _trained_like(_tiny(), Settings(rank=4, alpha=8, adapters="backward", reads="normed"))
+    layer, seen = model.model.layers[1], {}
+    layer.input_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("attn", o))
+    layer.post_attention_layernorm.register_forward_hook(lambda m, i, o: seen.__setitem__("mlp", o))
+    ids = torch.randint(5, 300, (2, 9))
+    with torch.no_grad():
+        model(input_ids=ids)
+        carried = {b: junctions(model)[f"layers.1.{b}"].emit.carrier.z[f"layers.1.{b}"] for b in ("attn", "mlp")}
+        for block in ("attn", "mlp"):
+            A = junctions(model)[f"layers.1.{block}"].A
+            assert torch.allclose(carried[block], seen[block] @ A.T, atol=1e-6)
+        fused = fuse(copy.deepcopy(model))
+        fused(input_ids=ids)
+        fused_z = fused.model.layers[1].mlp.carrier.z
+        for block in ("attn", "mlp"):
+            assert torch.allclose(fused_z[f"layers.1.{block}"], carried[block], atol=1e-5)
 
 
 def test_artifact_with_wrong_variant_tensors_is_refused(tiny_model_dir, tmp_path):
@@ -196,6 +245,8 @@ def test_a_trained_model_can_be_copied_and_fused():
     ({"method_args.adapters": "both", "method_args.split": 1.0}, r"split must be a number in \(0, 1\)"),
     ({"method_args.adapters": "both", "rank": 1}, "both need >= 1"),
     ({"method_args.adapters": "backward", "parallel": "fsdp"}, "parallel=fsdp trains only adapters=forward"),
+    ({"method_args.adapters": "backward", "method_args.reads": "output"}, "reads must be one of hidden, normed"),
+    ({"method_args.reads": "normed"}, "reads=normed applies to backward adapters"),
 ])
 def test_bad_options_are_refused(tiny_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):

@@ -14,11 +14,13 @@ from rankwise.ffba.inject import parameter_count, rank_for_budget
 from rankwise.tiny import tiny_llama
 
 
-@pytest.mark.parametrize("kind, split", [("forward", None), ("backward", None), ("both", None), ("both", 0.25)])
-def test_rank_for_budget_is_the_closest_rank(kind, split):
+@pytest.mark.parametrize("kind, split, reads", [("forward", None, "hidden"), ("backward", None, "hidden"),
+                                               ("both", None, "hidden"), ("both", 0.25, "hidden"),
+                                               ("backward", None, "normed"), ("both", 0.25, "normed")])
+def test_rank_for_budget_is_the_closest_rank(kind, split, reads):
     model = tiny_llama(300)
     budget = 4 * lora_params_per_rank(model)
-    settings = {"adapters": kind} | ({"split": split} if split else {})
+    settings = {"adapters": kind, "reads": reads} | ({"split": split} if split else {})
     r = rank_for_budget(model, budget, **settings)
     miss = lambda rank: abs(parameter_count(model, Settings(rank=rank, alpha=1.0, **settings)) - budget)  # noqa: E731
     assert miss(r) <= min(miss(r - 1), miss(r + 1))
@@ -46,6 +48,13 @@ def test_quality_arms_give_every_setting_all_linear_loras_budget():
     assert both["method_args.adapters"] == "both" and both["method_args.split"] == 0.25
     assert both["rank"] == rank_for_budget(model, budget, adapters="both", split=0.25)
     assert "method_args.split" not in arms["ffba backward s=32 (identity)"]
+    normed = quality_arms(model, 4, ["ffba"], [], [], ["attn+mlp"], ["identity"], [8.0], ["forward", "backward"],
+                          [0.5], ffba_reads=("hidden", "normed"))
+    assert set(normed) == {"ffba s=8 (identity)", "ffba backward s=8 (identity)", "ffba backward normed s=8 (identity)"}
+    arm = normed["ffba backward normed s=8 (identity)"]
+    assert arm["method_args.reads"] == "normed" and "method_args.reads" not in normed["ffba backward s=8 (identity)"]
+    assert arm["rank"] == rank_for_budget(model, budget, adapters="backward", reads="normed")
+    assert arm["rank"] != normed["ffba backward s=8 (identity)"]["rank"]  # A reads d, not the MLP's width
     inits = quality_arms(model, 4, ["lora"], ["all-linear"], [8.0], [], [], [], [], [], ("default", "pissa"))
     assert set(inits) == {"lora s=8", "lora pissa s=8"}
     assert inits["lora pissa s=8"]["method_args.init_lora_weights"] == "pissa"
@@ -97,13 +106,15 @@ def test_a_diverged_run_is_never_chosen_and_the_sweep_goes_on(monkeypatch, tmp_p
     assert saved == [["lora"], ["lora", "dora"]]  # what a stopped sweep would have kept
 
 
-def test_latency_bench_times_the_adapter_kind_it_was_asked_for():
+@pytest.mark.parametrize("reads", ["hidden", "normed"])
+def test_latency_bench_times_the_adapter_kind_it_was_asked_for(reads):
     from rankwise.bench.latency import build_variants
 
     base = tiny_llama(300)
-    rank = rank_for_budget(base, 4 * lora_params_per_rank(base), adapters="both")
-    models, budgets = build_variants(base, 4, rank, "identity", "both")
-    assert budgets["ffba fused"] == parameter_count(base, Settings(rank=rank, alpha=1.0, adapters="both"))
+    rank = rank_for_budget(base, 4 * lora_params_per_rank(base), adapters="both", reads=reads)
+    models, budgets = build_variants(base, 4, rank, "identity", "both", reads)
+    assert budgets["ffba fused"] == parameter_count(base, Settings(rank=rank, alpha=1.0, adapters="both", reads=reads))
+    assert models["ffba fused"].model.layers[1].self_attn.writes_from == ("input" if reads == "normed" else "output")
     ids = torch.randint(5, 300, (2, 9))
     with torch.no_grad():
         fused, unfused = models["ffba fused"](input_ids=ids).logits, models["ffba unfused"](input_ids=ids).logits

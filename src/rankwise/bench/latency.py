@@ -26,7 +26,7 @@ from rankwise.bench._harness import device_or_exit
 from rankwise.bench.latency_quality import (LORA_MODULES, ffba_rank_for, lora_params_per_rank, quality,  # noqa: F401
                                             quality_arms,
                                             quality_table as _quality_table)  # (the names tests use)
-from rankwise.ffba.settings import BLOCKS, VARIANTS as ADAPTER_KINDS
+from rankwise.ffba.settings import BLOCKS, READS, VARIANTS as ADAPTER_KINDS
 
 SCALES = {  # prompt tokens, new tokens, LoRA rank (FFBA's rank is derived); quality: steps, batch, eval examples,
     # held-out prompts answered by generation for the task metric
@@ -72,9 +72,9 @@ def plus_joined(option: str, text: str, allowed, also=()) -> list[str]:
 
 
 def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
-                   kind: str = "forward") -> tuple[dict, dict]:
+                   kind: str = "forward", reads: str = "hidden") -> tuple[dict, dict]:
     """{name: model in eval mode} and {name: trainable parameters before merging/fusing}; FFBA's adapters of
-    `kind` (forward, backward or both at the default split)."""
+    `kind` (forward, backward or both at the default split; backward ones reading `reads`)."""
     from rankwise.config import Config
     from rankwise.ffba import Settings, fuse, inject
     from rankwise.methods import get_method
@@ -90,7 +90,7 @@ def build_variants(base, lora_rank: int, ffba_rank: int, activation: str,
             budgets["lora merged"] = budgets["lora unmerged"]
             models["lora merged"] = copy.deepcopy(peft_model).merge_and_unload()
     unfused = inject(copy.deepcopy(base), Settings(rank=ffba_rank, alpha=2 * ffba_rank, activation=activation,
-                                                   adapters=kind).check())
+                                                   adapters=kind, reads=reads).check())
     budgets["ffba unfused"] = budgets["ffba fused"] = n_trainable(unfused)
     _nonzero_(ffba_up_projections(unfused), seed=1)
     models["ffba unfused"] = unfused
@@ -252,6 +252,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--ffba-adapters", default="forward",
                    help="FFBA adapter kinds: forward | backward | both; --quality trains each (comma separated), "
                         "the latency run times one")
+    p.add_argument("--ffba-reads", default="hidden",
+                   help="what backward adapters read: hidden (the output projection's input) | normed (the "
+                        "sub-block's normed input); --quality trains each (comma separated), the latency run times one")
     p.add_argument("--ffba-splits", default="0.5", help="for adapters=both: the backward adapters' share of the "
                                                         "rank, comma separated, each in (0, 1)")
     p.add_argument("--validation-examples", type=int,
@@ -280,6 +283,11 @@ def main(argv: list[str]) -> int:
     if not kinds or set(kinds) - set(ADAPTER_KINDS) or len(set(kinds)) != len(kinds) or (not ns.quality and len(kinds) > 1):
         p.error(f"--ffba-adapters: {'distinct values' if ns.quality else 'one'} of {', '.join(ADAPTER_KINDS)}, "
                 f"got {ns.ffba_adapters!r}")
+    reads = [r for r in ns.ffba_reads.split(",") if r]
+    if (not reads or set(reads) - set(READS) or len(set(reads)) != len(reads) or (not ns.quality and len(reads) > 1)
+            or (reads != ["hidden"] and kinds == ["forward"])):
+        p.error(f"--ffba-reads: {'distinct values' if ns.quality else 'one'} of {', '.join(READS)}, for "
+                f"--ffba-adapters backward or both, got {ns.ffba_reads!r}")
     inits = [i for i in ns.lora_inits.split(",") if i]
     try:
         from rankwise.methods.peft_lora import check_init_name
@@ -318,7 +326,8 @@ def main(argv: list[str]) -> int:
         if not ns.quality and kinds[0] != "forward":  # the same budget for the other adapter kinds
             from rankwise.ffba.inject import rank_for_budget
 
-            ffba_rank = rank_for_budget(base, lora_rank * lora_params_per_rank(base), adapters=kinds[0])
+            ffba_rank = rank_for_budget(base, lora_rank * lora_params_per_rank(base), adapters=kinds[0],
+                                        reads=reads[0])
         record = {"bench": "latency", "scale": ns.scale, "model": name if ns.scale != "tiny" else "tiny random Llama",
                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": str(device),
                   "threads": torch.get_num_threads(), "lora_rank": lora_rank, "ffba_rank": ffba_rank,
@@ -336,11 +345,11 @@ def main(argv: list[str]) -> int:
             task_examples = scale["task_examples"] if ns.task_examples is None else ns.task_examples
             validation = scale["validation_examples"] if ns.validation_examples is None else ns.validation_examples
             arms = quality_arms(base, lora_rank, methods, lora_targets, lora_scales, placements, acts, ffba_scales,
-                                kinds, splits, tuple(inits))
+                                kinds, splits, tuple(inits), tuple(reads))
             record.update({"mode": "quality", "seeds": seeds, "task_examples": task_examples,
                            "validation_examples": validation, "ffba_ranks": ffba_ranks, "ffba_scales": ffba_scales,
                            "lora_scales": lora_scales, "lora_targets": lora_targets, "lora_inits": inits, "ffba_adapters": kinds,
-                           "ffba_splits": splits, "steps": steps, "lrs": lrs, "precision": ns.precision,
+                           "ffba_reads": reads, "ffba_splits": splits, "steps": steps, "lrs": lrs, "precision": ns.precision,
                            "batch_size": ns.batch_size or scale["batch_size"]})
 
             def save_so_far(rows: dict) -> None:  # a stopped sweep keeps the settings it finished
@@ -355,8 +364,8 @@ def main(argv: list[str]) -> int:
         else:
             dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(
                 ns.dtype, torch.bfloat16 if device.type == "cuda" else torch.float32)
-            models, budgets = build_variants(base, lora_rank, ffba_rank, ns.activation, kinds[0])
-            record["ffba_adapters"] = kinds[0]
+            models, budgets = build_variants(base, lora_rank, ffba_rank, ns.activation, kinds[0], reads[0])
+            record["ffba_adapters"], record["ffba_reads"] = kinds[0], reads[0]
             models = {k: m.to(device=device, dtype=dtype) for k, m in models.items()}
             length = ns.prompt_tokens or scale["prompt_tokens"]
             new_tokens = ns.new_tokens or scale["new_tokens"]

@@ -34,11 +34,12 @@ def lora_params_per_rank(model, targets: str = "all-linear") -> int:
 
 def quality_arms(base, lora_rank: int, methods: list[str], lora_targets: list[str], lora_scales, placements: list[str],
                  activations: list[str], ffba_scales, ffba_adapters: list[str], ffba_splits,
-                 lora_inits: tuple[str, ...] = ("default",)) -> dict[str, dict]:
+                 lora_inits: tuple[str, ...] = ("default",), ffba_reads: tuple[str, ...] = ("hidden",)) -> dict[str, dict]:
     """{label: the run's overrides} for every setting --quality trains, each at the trainable budget of
     all-linear LoRA at `lora_rank`: LoRA and DoRA once per target set (its own rank), PEFT initialisation
     (`lora_inits`: "default" or an init_lora_weights name) and scale s = alpha/rank; FFBA once per placement,
-    activation, scale and adapter kind (forward, backward, both at each split)."""
+    activation, scale and adapter kind (forward, backward, both at each split; backward and both once per
+    `ffba_reads`: what the backward down-projection reads, hidden or normed)."""
     from rankwise.ffba.inject import rank_for_budget
 
     budget = lora_rank * lora_params_per_rank(base)
@@ -57,11 +58,12 @@ def quality_arms(base, lora_rank: int, methods: list[str], lora_targets: list[st
                         arms[label]["method_args.init_lora_weights"] = init
     if "ffba" not in methods:
         return arms
-    for adapters in ffba_adapters:
+    for adapters, reads in ((a, r) for a in ffba_adapters for r in (["hidden"] if a == "forward" else ffba_reads)):
         for split in (ffba_splits if adapters == "both" else [None]):
             for placement in placements:
                 blocks = placement.split("+")
-                kind = {"adapters": adapters} | ({"split": split} if split is not None else {})
+                kind = ({"adapters": adapters} | ({"split": split} if split is not None else {})
+                        | ({"reads": reads} if reads != "hidden" else {}))
                 rank = (ffba_rank_for(base, lora_rank, len(blocks)) if adapters == "forward"
                         else rank_for_budget(base, budget, blocks=tuple(blocks), **kind))
                 for activation in activations:
@@ -161,12 +163,14 @@ def _over_seeds(per_seed: dict[int, dict]) -> dict:
 def ffba_label(extra: dict) -> str:
     """'ffba (identity)' for forward adapters at the default placement (attention and MLP) and scale
     s = alpha / rank = 2, else e.g. 'ffba mlp (silu)', 'ffba s=8 (identity)', 'ffba backward (identity)',
-    'ffba both 0.25 (identity)' (the split: the backward adapters' share of the rank; 0.5 unwritten)."""
+    'ffba both 0.25 (identity)' (the split: the backward adapters' share of the rank; 0.5 unwritten),
+    'ffba backward normed (identity)' (backward adapters that read the normed input)."""
     placement = "+".join(extra["method_args.blocks"])
     where = "" if placement == "attn+mlp" else f" {placement}"
     kind = extra.get("method_args.adapters", "forward")
     split = extra.get("method_args.split")
     kind = "" if kind == "forward" else f" {kind}" + ("" if split in (None, 0.5) else f" {split:g}")
+    kind += " normed" if extra.get("method_args.reads", "hidden") == "normed" else ""
     return f"ffba{kind}{where}{_scale_tag(extra['scale'])} ({extra['method_args.activation']})"
 
 

@@ -2,8 +2,9 @@
 
 Each decoder layer calls `self_attn(hidden_states=norm(h), ...)` and `mlp(norm(h))`, so replacing those two
 modules is enough for a forward adapter (it sees the sub-block's normed input and adds to its output).
-A backward adapter wraps projections inside them instead: the output projection of one sub-block (o_proj,
-down_proj) and the input projections of the next (the same layer's gate/up, the next layer's q/k/v).
+A backward adapter wraps projections inside them instead: the projection of one sub-block whose input it
+reads (o_proj or down_proj with reads=hidden, q_proj or gate_proj with reads=normed) and the input
+projections of the next (the same layer's gate/up, the next layer's q/k/v).
 The last layer's MLP has no next sub-block, so it gets no backward adapter.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from rankwise.config import ConfigError
-from rankwise.ffba.layers import Adapter, Carrier, Emit, FusedAttention, FusedMLP, Parallel, Receive, plain
+from rankwise.ffba.layers import Adapter, Carrier, Emit, FusedAttention, FusedMLP, Parallel, Receive, plain, wrapper
 from rankwise.ffba.settings import Settings
 
 # model_type -> architecture; each has q/k/v/o attention with rotary embeddings and a gated MLP
@@ -25,6 +26,12 @@ PROJECTIONS = {"attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_p
 INPUTS = {"attn": ("q_proj", "k_proj", "v_proj"), "mlp": ("gate_proj", "up_proj")}  # read the normed x
 OUTPUT = {"attn": "o_proj", "mlp": "down_proj"}  # writes the sub-block's output
 NEXT = {"attn": ("mlp", 0), "mlp": ("attn", 1)}  # the sub-block after each one: (block, layer offset)
+
+
+def read_projection(block: str, reads: str) -> str:
+    """The projection whose input a backward adapter after `block` reads: the output projection's (hidden)
+    or the first input projection's, i.e. the sub-block's normed input (normed)."""
+    return OUTPUT[block] if reads == "hidden" else INPUTS[block][0]
 
 
 def supported_text() -> str:
@@ -93,7 +100,8 @@ def inject(model: nn.Module, settings: Settings) -> nn.Module:
         for i, block, j, nxt in sites:
             key = f"layers.{i}.{block}"
             source, target = sub_block(layers[i], block), sub_block(layers[j], nxt)
-            setattr(source, OUTPUT[block], Emit(getattr(source, OUTPUT[block]), r, carrier, key, settings.dropout))
+            name = read_projection(block, settings.reads)
+            setattr(source, name, Emit(getattr(source, name), r, carrier, key, settings.dropout))
             for name in INPUTS[nxt]:
                 setattr(target, name, Receive(getattr(target, name), r, scale, settings.activation, carrier, key))
     return model
@@ -120,7 +128,7 @@ class Junction:
 
     @property
     def A(self) -> torch.Tensor:
-        """r × d_in of the output projection."""
+        """r × d_in of the projection it reads (hidden: the output projection; normed: the hidden size)."""
         return self.emit.A
 
     @property
@@ -137,15 +145,24 @@ class Junction:
         return [self.emit.A] + [r.B for r in self.receivers]
 
 
+def emit_of(module: nn.Module, block: str) -> tuple[Emit | None, bool]:
+    """A sub-block's backward down-projection, if it has one, and whether it reads the normed input."""
+    for reads in ("hidden", "normed"):
+        emit = wrapper(getattr(module, read_projection(block, reads)), Emit)
+        if emit is not None:
+            return emit, reads == "normed"
+    return None, False
+
+
 def junctions(model: nn.Module) -> dict[str, Junction]:
     """The backward adapters of an unfused model by the sub-block they follow, e.g. 'layers.3.mlp'."""
     layers = model.get_decoder().layers
     found = {}
     for i, block, j, nxt in junction_sites(len(layers), ("attn", "mlp")):
-        emit = getattr(sub_block(layers[i], block), OUTPUT[block])
-        if isinstance(emit, Emit):
+        emit, _ = emit_of(sub_block(layers[i], block), block)
+        if emit is not None:
             target = sub_block(layers[j], nxt)
-            found[emit.key] = Junction(emit, [getattr(target, n) for n in INPUTS[nxt]])
+            found[emit.key] = Junction(emit, [wrapper(getattr(target, n), Receive) for n in INPUTS[nxt]])
     return found
 
 
@@ -156,23 +173,22 @@ def fuse(model: nn.Module) -> nn.Module:
             module = getattr(layer, name)
             adapter = module.adapter if isinstance(module, Parallel) else None
             inner = sub_block(layer, block)
-            emit = getattr(inner, OUTPUT[block])
-            emit = emit if isinstance(emit, Emit) else None
-            receivers = [getattr(inner, n) for n in INPUTS[block] if isinstance(getattr(inner, n), Receive)]
+            emit, reads_input = emit_of(inner, block)
+            receivers = [r for r in (wrapper(getattr(inner, n), Receive) for n in INPUTS[block]) if r is not None]
             if adapter or emit or receivers:
-                setattr(layer, name, FUSED[block](inner, adapter, emit, receivers))
+                setattr(layer, name, FUSED[block](inner, adapter, emit, receivers, reads_input))
     return model.requires_grad_(False)
 
 
 def parameter_count(model: nn.Module, settings: Settings) -> int:
     """Trainable parameters `inject(model, settings)` would add, from the base model's shapes:
-    2·d·r_fwd per forward-adapted sub-block, r_bwd·(d_in of the output projection + d_out of the next
+    2·d·r_fwd per forward-adapted sub-block, r_bwd·(d_in of the projection it reads + d_out of the next
     sub-block's input projections) per backward adapter."""
     layers = model.get_decoder().layers
     d = model.config.hidden_size
     total = 2 * d * settings.forward_rank * len(settings.blocks) * len(layers)
     for i, block, j, nxt in (junction_sites(len(layers), settings.blocks) if settings.backward_rank else []):
-        d_in = plain(getattr(sub_block(layers[i], block), OUTPUT[block])).in_features
+        d_in = plain(getattr(sub_block(layers[i], block), read_projection(block, settings.reads))).in_features
         d_out = sum(plain(getattr(sub_block(layers[j], nxt), n)).out_features for n in INPUTS[nxt])
         total += settings.backward_rank * (d_in + d_out)
     return total

@@ -1,10 +1,11 @@
 """The FFBA artifact: ffba_config.json (Settings + base architecture) and ffba_adapter.safetensors.
 
 Tensor names: forward adapters '<layer>.<block>.A' (r×d) and '.B' (d×r), e.g. 'layers.0.attn.A';
-backward adapters '<layer>.<block>.back.A' (r × d_in of o_proj/down_proj) and '.back.B' (d_out of the next
+backward adapters '<layer>.<block>.back.A' (r × d_in of o_proj/down_proj, or × d with reads=normed) and '.back.B' (d_out of the next
 sub-block's input projections, stacked q,k,v or gate,up × r), named by the sub-block they follow.
 The scale s = alpha / rank is not folded into B, so the file is the trained parameters as they are.
-Version 1 configs (forward adapters only, no `adapters` key) load as adapters=forward.
+Version 1 configs (forward adapters only, no `adapters` key) load as adapters=forward, version 2 (no `reads`)
+as reads=hidden.
 """
 from __future__ import annotations
 

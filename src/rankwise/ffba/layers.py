@@ -4,20 +4,25 @@ Forward adapter, around a sub-block f (attention or MLP) whose input is the norm
 
     y = f(x) + s · B · φ(A · x)          A: r×d (down), B: d×r (up, zero at init), s = alpha / r
 
-Backward adapter, across the residual junction after a sub-block: its down-projection reads the input h
-of the sub-block's output projection (the attention output before o_proj, or the MLP hidden act(g)·u
-before down_proj), and its up-projection adds to the *next* sub-block's input projections
-(after attention: the same layer's gate/up; after the MLP: the next layer's q/k/v):
+Backward adapter, across the residual junction after a sub-block: its up-projection adds to the *next*
+sub-block's input projections (after attention: the same layer's gate/up; after the MLP: the next layer's
+q/k/v); its down-projection reads, by `reads`, either the input h of the sub-block's output projection
+("hidden": the attention output before o_proj, or the MLP hidden act(g)·u before down_proj) or the
+sub-block's own normed input x ("normed": the input of q/k/v or gate/up, which the sub-block also reads):
 
-    z = A · h                            (carried past the residual add, never added to it)
+    z = A · h   or   z = A · x           (carried past the residual add, never added to it)
     p' = W_p · x' + s · B_p · φ(z)       for each next input projection p, x' = that block's normed input
 
+With reads=normed, B_p·A is a LoRA update of p whose input is one sub-block stale (x instead of x'): it
+reads the whole residual stream, as LoRA on p does, and still fuses into GEMMs that already run.
+
 Unfused (training): f runs as usual; the forward adapter adds two small GEMMs (`Parallel`), the backward
-one wraps the output projection (`Emit`, writes z into a per-model `Carrier`) and the next input
+one wraps the projection it reads (`Emit`, writes z into a per-model `Carrier`) and the next input
 projections (`Receive`, read it back).
 Fused (inference): A's become extra output rows and s·B's extra input columns of projections that already
-run ([W_q; W_k; W_v; A_fwd | s·B_bwd], [W_o | s·B_fwd ; A_bwd | 0], likewise for gate/up and down), and z
-travels in the carrier's slot, so no adapter adds a GEMM of its own.
+run ([W_q; W_k; W_v; A_fwd | s·B_bwd], [W_o | s·B_fwd ; A_bwd | 0], likewise for gate/up and down; with
+reads=normed A_bwd is a row block of the first GEMM instead of the second), and z travels in the carrier's
+slot, so no adapter adds a GEMM of its own.
 """
 from __future__ import annotations
 
@@ -79,14 +84,15 @@ class Carrier:
 
 
 class Emit(nn.Module):
-    """Unfused backward down-projection: wraps an output projection (o_proj or down_proj) that reads h;
-    returns W·h unchanged and writes z = A·h (A: r×d_in) into the carrier."""
+    """Unfused backward down-projection: wraps the projection whose input h it reads (o_proj or down_proj
+    with reads=hidden; q_proj or gate_proj, possibly already a `Receive`, with reads=normed); returns the
+    wrapped module's output unchanged and writes z = A·h (A: r×d_in) into the carrier."""
 
-    def __init__(self, linear: nn.Linear, rank: int, carrier: Carrier, key: str, dropout: float = 0.0):
+    def __init__(self, linear: nn.Module, rank: int, carrier: Carrier, key: str, dropout: float = 0.0):
         super().__init__()
         self.linear, self.carrier, self.key = linear, carrier, key
-        self.A = nn.Parameter(torch.empty(rank, linear.in_features, device=linear.weight.device,
-                                          dtype=linear.weight.dtype))
+        base = plain(linear)
+        self.A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device, dtype=base.weight.dtype))
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -102,12 +108,12 @@ class Receive(nn.Module):
     """Unfused backward up-projection: wraps one input projection (q/k/v or gate/up): W·x + s·B·φ(z),
     z read from the carrier (B: d_out×r, zero at init)."""
 
-    def __init__(self, linear: nn.Linear, rank: int, scale: float, activation: str, carrier: Carrier, key: str):
+    def __init__(self, linear: nn.Module, rank: int, scale: float, activation: str, carrier: Carrier, key: str):
         super().__init__()
         self.linear, self.carrier, self.key = linear, carrier, key
         self.scale, self.activation, self.phi = scale, activation, ACTIVATIONS[activation]
-        self.B = nn.Parameter(torch.zeros(linear.out_features, rank, device=linear.weight.device,
-                                          dtype=linear.weight.dtype))
+        base = plain(linear)
+        self.B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device, dtype=base.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x) + self.scale * F.linear(self.phi(self.carrier.z[self.key]), self.B)
@@ -117,8 +123,19 @@ class Receive(nn.Module):
 
 
 def plain(module: nn.Module) -> nn.Module:
-    """The base projection under an Emit/Receive wrapper (or the module itself)."""
-    return module.linear if isinstance(module, (Emit, Receive)) else module
+    """The base projection under any Emit/Receive wrappers (or the module itself)."""
+    while isinstance(module, (Emit, Receive)):
+        module = module.linear
+    return module
+
+
+def wrapper(module: nn.Module, kind: type) -> nn.Module | None:
+    """The first `kind` (Emit or Receive) in a projection's chain of wrappers, or None."""
+    while isinstance(module, (Emit, Receive)):
+        if isinstance(module, kind):
+            return module
+        module = module.linear
+    return None
 
 
 def _scaled(B: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
@@ -136,22 +153,23 @@ def _frozen_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear
     return fused.requires_grad_(False)
 
 
-def _input_projection(linears: list[nn.Linear], forward: Adapter | None, receivers: list[Receive]) -> nn.Linear:
-    """One Linear on [x; φ(z_in)] whose output is [W_1·x + s·B_1·φ(z_in); …; W_n·x + s·B_n·φ(z_in); A_fwd·x]:
-    weight [[W_1, s·B_1], …, [W_n, s·B_n], [A_fwd, 0]] (the z_in columns only when receivers are given)."""
+def _input_projection(linears: list[nn.Linear], forward: Adapter | None, receivers: list[Receive],
+                      emit: Emit | None = None) -> nn.Linear:
+    """One Linear on [x; φ(z_in)] whose output is
+    [W_1·x + s·B_1·φ(z_in); …; W_n·x + s·B_n·φ(z_in); A_fwd·x; A_bwd·x]:
+    weight [[W_1, s·B_1], …, [W_n, s·B_n], [A_fwd, 0], [A_bwd, 0]] (the z_in columns only when receivers are
+    given; the A_bwd rows only for an `emit` that reads the normed input)."""
     dtype = linears[0].weight.dtype
-    rows = [l.weight for l in linears] + ([forward.A.detach().to(dtype)] if forward else [])
-    weight = torch.cat(rows, dim=0)
+    extra = [m.A.detach().to(dtype) for m in (forward, emit) if m is not None]  # rows that read x only
+    weight = torch.cat([l.weight for l in linears] + extra, dim=0)
     if receivers:
         rank_in = receivers[0].B.shape[1]
-        columns = [_scaled(r.B, r.scale, dtype) for r in receivers]
-        if forward:
-            columns.append(weight.new_zeros(forward.rank, rank_in))
+        columns = [_scaled(r.B, r.scale, dtype) for r in receivers] + [a.new_zeros(a.shape[0], rank_in) for a in extra]
         weight = torch.cat([weight, torch.cat(columns, dim=0)], dim=1)
     bias = None
     if any(l.bias is not None for l in linears):
         parts = [l.bias if l.bias is not None else l.weight.new_zeros(l.out_features) for l in linears]
-        bias = torch.cat(parts + ([weight.new_zeros(forward.rank)] if forward else []))
+        bias = torch.cat(parts + [a.new_zeros(a.shape[0]) for a in extra])
     return _frozen_linear(weight, bias)
 
 
@@ -171,14 +189,17 @@ def _output_projection(linear: nn.Linear, forward: Adapter | None, emit: Emit | 
 
 
 class _Slots:
-    """What a fused sub-block takes from / gives to the carrier, and its forward adapter's φ."""
+    """What a fused sub-block takes from / gives to the carrier, and its forward adapter's φ. Its backward
+    down-projection (`emit`) reads the first GEMM's input when `emit_reads_input`, else the second's."""
 
-    def _init_slots(self, forward: Adapter | None, emit: Emit | None, receivers: list[Receive]):
+    def _init_slots(self, forward: Adapter | None, emit: Emit | None, receivers: list[Receive],
+                    emit_reads_input: bool):
         parts = [m for m in (forward, *receivers) if m is not None]  # one activation per model (Settings)
         self.activation = parts[0].activation if parts else "identity"
         self.phi = ACTIVATIONS[self.activation]
         self.reads = receivers[0].key if receivers else None
         self.writes, self.emit_rank = (emit.key, emit.A.shape[0]) if emit else (None, 0)
+        self.writes_from = None if emit is None else "input" if emit_reads_input else "output"
         self.carrier = emit.carrier if emit else receivers[0].carrier if receivers else None
 
     def _input(self, x: torch.Tensor) -> torch.Tensor:
@@ -186,8 +207,16 @@ class _Slots:
             return x
         return torch.cat([x, self.phi(self.carrier.z[self.reads])], dim=-1)
 
+    def _first(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """The first GEMM's output split into its projections (and the forward adapter's z); a z for the
+        next sub-block that reads the normed input goes to the carrier."""
+        parts = list(y.split(self.splits, dim=-1))
+        if self.writes_from == "input":
+            self.carrier.z[self.writes] = parts.pop()
+        return parts
+
     def _output(self, y: torch.Tensor) -> torch.Tensor:
-        if self.writes is None:
+        if self.writes_from != "output":
             return y
         y, self.carrier.z[self.writes] = y.split([y.shape[-1] - self.emit_rank, self.emit_rank], dim=-1)
         return y
@@ -206,10 +235,10 @@ class FusedAttention(nn.Module, _Slots):
     """
 
     def __init__(self, attn: nn.Module, adapter: Adapter | None = None, emit: Emit | None = None,
-                 receivers: list[Receive] | None = None):
+                 receivers: list[Receive] | None = None, emit_reads_input: bool = False):
         super().__init__()
         receivers = receivers or []
-        self._init_slots(adapter, emit, receivers)
+        self._init_slots(adapter, emit, receivers, emit_reads_input)
         self.config, self.layer_idx = attn.config, attn.layer_idx
         self.head_dim, self.num_key_value_groups = attn.head_dim, attn.num_key_value_groups
         self.scaling, self.attention_dropout, self.is_causal = attn.scaling, attn.attention_dropout, attn.is_causal
@@ -218,9 +247,10 @@ class FusedAttention(nn.Module, _Slots):
         model_module = sys.modules[type(attn).__module__]  # the model's own rotary and eager attention
         self.rotary, self.eager = model_module.apply_rotary_pos_emb, model_module.eager_attention_forward
         q, k, v, o = (plain(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-        self.splits = [q.out_features, k.out_features, v.out_features] + ([adapter.rank] if adapter else [])
-        self.qkvz = _input_projection([q, k, v], adapter, receivers)
-        self.o_proj = _output_projection(o, adapter, emit)
+        self.splits = ([q.out_features, k.out_features, v.out_features] + ([adapter.rank] if adapter else [])
+                       + ([self.emit_rank] if emit_reads_input else []))
+        self.qkvz = _input_projection([q, k, v], adapter, receivers, emit if emit_reads_input else None)
+        self.o_proj = _output_projection(o, adapter, None if emit_reads_input else emit)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, cache=None, past_key_values=None,
                 **kwargs):
@@ -230,7 +260,7 @@ class FusedAttention(nn.Module, _Slots):
 
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
-        q, k, v, *z = self.qkvz(self._input(hidden_states)).split(self.splits, dim=-1)
+        q, k, v, *z = self._first(self.qkvz(self._input(hidden_states)))
         q = q.view(hidden_shape).transpose(1, 2)
         k = k.view(hidden_shape).transpose(1, 2)
         v = v.view(hidden_shape).transpose(1, 2)
@@ -258,18 +288,19 @@ class FusedMLP(nn.Module, _Slots):
     [y; z_out] = [W_down, s·B_fwd; A_bwd, 0]·[act(g)·u; φ(z_fwd)]."""
 
     def __init__(self, mlp: nn.Module, adapter: Adapter | None = None, emit: Emit | None = None,
-                 receivers: list[Receive] | None = None):
+                 receivers: list[Receive] | None = None, emit_reads_input: bool = False):
         super().__init__()
         receivers = receivers or []
-        self._init_slots(adapter, emit, receivers)
+        self._init_slots(adapter, emit, receivers, emit_reads_input)
         self.act_fn = mlp.act_fn
         gate, up, down = (plain(getattr(mlp, n)) for n in ("gate_proj", "up_proj", "down_proj"))
-        self.splits = [gate.out_features, up.out_features] + ([adapter.rank] if adapter else [])
-        self.gate_up_z = _input_projection([gate, up], adapter, receivers)
-        self.down_proj = _output_projection(down, adapter, emit)
+        self.splits = ([gate.out_features, up.out_features] + ([adapter.rank] if adapter else [])
+                       + ([self.emit_rank] if emit_reads_input else []))
+        self.gate_up_z = _input_projection([gate, up], adapter, receivers, emit if emit_reads_input else None)
+        self.down_proj = _output_projection(down, adapter, None if emit_reads_input else emit)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, u, *z = self.gate_up_z(self._input(x)).split(self.splits, dim=-1)
+        g, u, *z = self._first(self.gate_up_z(self._input(x)))
         h = self.act_fn(g) * u
         if z:
             h = torch.cat([h, self.phi(z[0])], dim=-1)

@@ -9,7 +9,8 @@ from rankwise.options import check_low_rank, is_number
 
 BLOCKS = ("attn", "mlp")  # sub-blocks an adapter can sit beside (forward) or after (backward)
 VARIANTS = ("forward", "backward", "both")  # which adapters: see layers.py
-FORMAT_VERSION = 2  # 2 records `adapters` and `split`; version 1 (forward adapters only) still loads
+READS = ("hidden", "normed")  # what a backward adapter's down-projection reads: see layers.py
+FORMAT_VERSION = 3  # 3 records `reads`, 2 `adapters` and `split`; versions 1 (forward only) and 2 still load
 DEFAULT_SPLIT = 0.5
 
 
@@ -25,6 +26,7 @@ class Settings:
     dropout: float = 0.0
     adapters: str = "forward"
     split: float | None = None  # fraction of the rank for the backward adapters (adapters=both only)
+    reads: str = "hidden"  # the backward adapters' input: the output projection's (hidden) or the normed x
 
     def check(self) -> "Settings":
         """Raise ValueError with a one-line reason unless these settings can build an adapter."""
@@ -38,6 +40,11 @@ class Settings:
                               f"{', '.join(ACTIVATIONS)}")
         if self.adapters not in VARIANTS:
             raise ValueError(f"ffba: method_args.adapters must be one of {', '.join(VARIANTS)}, got {self.adapters!r}")
+        if self.reads not in READS:
+            raise ValueError(f"ffba: method_args.reads must be one of {', '.join(READS)}, got {self.reads!r}")
+        if self.reads != "hidden" and self.adapters == "forward":
+            raise ValueError(f"ffba: method_args.reads={self.reads} applies to backward adapters; "
+                             "choose adapters=backward or both")
         if self.split is not None:
             if self.adapters != "both":
                 raise ValueError(f"ffba: method_args.split only applies to adapters=both (got adapters={self.adapters})")
@@ -75,9 +82,10 @@ class Settings:
 
     @classmethod
     def from_json(cls, d: dict) -> "Settings":
-        if d.get("format") != "rankwise-ffba" or d.get("version") not in (1, FORMAT_VERSION):
+        if d.get("format") != "rankwise-ffba" or d.get("version") not in (1, 2, FORMAT_VERSION):
             raise ValueError(f"not an FFBA adapter config (format {d.get('format')!r}, version {d.get('version')!r})")
         variant = d.get("adapters", "forward") if d["version"] >= 2 else "forward"
         return cls(rank=int(d["rank"]), alpha=float(d["alpha"]), blocks=tuple(d["blocks"]),
                    activation=d["activation"], dropout=float(d.get("dropout", 0.0)), adapters=variant,
-                   split=d.get("split") if variant == "both" else None).check()
+                   split=d.get("split") if variant == "both" else None,
+                   reads=d.get("reads", "hidden") if d["version"] >= 3 else "hidden").check()

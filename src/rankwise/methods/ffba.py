@@ -15,6 +15,7 @@ class FFBAOptions:
     activation: str = "identity"
     adapters: str = "forward"  # forward (parallel, inside each sub-block) | backward (across the junction) | both
     split: float | None = None  # adapters=both: fraction of the rank for the backward adapters (default 0.5)
+    reads: str = "hidden"  # backward adapters read the output projection's input (hidden) or the normed x (normed)
 
     def __post_init__(self):
         from rankwise.ffba.settings import BLOCKS
@@ -31,7 +32,8 @@ class FFBAOptions:
         from rankwise.ffba.settings import Settings
 
         return Settings(rank=spec.rank, alpha=spec.alpha, blocks=self.blocks, activation=str(self.activation),
-                        dropout=spec.dropout, adapters=str(self.adapters), split=self.split)
+                        dropout=spec.dropout, adapters=str(self.adapters), split=self.split,
+                        reads=str(self.reads))
 
 
 def check_model_dir(name: str) -> None:
